@@ -1,0 +1,93 @@
+"""Augment stage: the albumentations training policy, built from params and serialised.
+
+Training loads the serialised policy (``policy.json``) rather than rebuilding it, so the run
+applies exactly the policy this stage wrote and previewed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.config import AugmentParams
+
+
+def build_policy(params: AugmentParams) -> A.Compose:
+    """The training-time augmentation policy described by ``params``.
+
+    Blood-cell images have no canonical orientation, so flips and 90° rotations are label
+    preserving; colour jitter stands in for stain and scanner variation between labs.
+    """
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=params.hflip),
+            A.VerticalFlip(p=params.vflip),
+            A.RandomRotate90(p=params.rotate90),
+            A.Affine(
+                translate_percent=(-params.shift, params.shift),
+                scale=(1.0 - params.scale, 1.0 + params.scale),
+                rotate=(-params.rotate, params.rotate),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=params.affine,
+            ),
+            A.ColorJitter(
+                brightness=params.brightness,
+                contrast=params.contrast,
+                saturation=0.0,
+                hue=params.hue,
+                p=params.color,
+            ),
+            A.GaussianBlur(blur_limit=(3, 5), p=params.blur),
+            A.GaussNoise(std_range=(0.02, 0.06), p=params.noise),
+        ],
+        seed=params.seed,
+    )
+
+
+def save_policy(policy: A.Compose, path: Path) -> None:
+    """Serialise ``policy`` as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    A.save(policy, str(path), data_format="json")
+
+
+def load_policy(path: Path) -> A.Compose:
+    """Load a policy written by :func:`save_policy`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: augmentation policy not found; run `wbc augment` (or `dvc repro`) first")
+    return A.load(str(path), data_format="json")
+
+
+def preview_grid(images: np.ndarray, policy: A.Compose, variants: int = 5, tile: int = 128) -> np.ndarray:
+    """A grid image: one row per input image, its original then ``variants`` augmented draws."""
+    rows = []
+    for image in images:
+        tiles = [image] + [policy(image=image)["image"] for _ in range(variants)]
+        tiles = [cv2.resize(t, (tile, tile), interpolation=cv2.INTER_AREA) for t in tiles]
+        rows.append(np.concatenate([cv2.copyMakeBorder(t, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=(255,) * 3)
+                                    for t in tiles], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def run_augment(images_path: Path, index_path: Path, params: AugmentParams, policy_path: Path,
+                preview_path: Path) -> None:
+    """Build and save the policy, and write a preview grid of it on training images."""
+    policy = build_policy(params)
+    save_policy(policy, policy_path)
+    index = pd.read_csv(index_path)
+    train_rows = np.flatnonzero(index["split"].to_numpy() == "train")
+    rng = np.random.default_rng(params.seed)
+    # One image per class first, so the preview shows the policy on every kind of cell.
+    per_class = index.iloc[train_rows].groupby("label").head(1).index.to_numpy()
+    chosen = list(per_class[: params.preview_images])
+    remaining = np.setdiff1d(train_rows, chosen)
+    extra = params.preview_images - len(chosen)
+    if extra > 0 and remaining.size:
+        chosen += list(rng.choice(remaining, size=min(extra, remaining.size), replace=False))
+    images = np.load(images_path, mmap_mode="r")[np.sort(chosen)]
+    grid = preview_grid(images, load_policy(policy_path))
+    preview_path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(preview_path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))

@@ -1,0 +1,134 @@
+"""The ``wbc`` command line: one sub-command per DVC stage, plus tools around them.
+
+Every sub-command takes ``--params`` (default ``params.yaml``) and its input/output paths,
+whose defaults are the ones ``dvc.yaml`` uses. Errors in params or data end the command with
+a one-paragraph message and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import Params, ParamsError, load_params
+
+INTERIM = Path("data/interim")
+PROCESSED = Path("data/processed")
+POLICY = Path("data/augment/policy.json")
+MODELS = Path("models")
+REPORTS = Path("reports")
+
+
+def _cmd_sample(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.sample import generate_sample
+
+    counts = generate_sample(args.out, params.sample, params.data.classes)
+    print(f"synthetic sample: {sum(counts.values())} images in {args.out} ({params.sample.size}px)")
+
+
+def _cmd_ingest(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.ingest import run_ingest
+
+    summary = run_ingest(params, out_dir=args.out, reports_dir=args.reports, progress=not args.quiet)
+    print(f"ingest: kept {summary['n_kept']} of {summary['n_files']} files, rejected {summary['n_rejected']} "
+          f"(see {args.out / 'rejected.csv'})")
+    for split, counts in summary["counts"].items():
+        print(f"  {split:5s} " + "  ".join(f"{name}={n}" for name, n in counts.items()))
+
+
+def _cmd_normalize(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.normalize import run_normalize
+
+    summary = run_normalize(args.manifest, Path(params.data.root), args.out, params.normalize,
+                            progress=not args.quiet)
+    print(f"normalize: {summary['images']} images to {summary['size']}px ({summary['mode']}) in "
+          f"{summary['seconds']:.1f}s = {summary['images_per_second']:.0f} img/s on {summary['workers']} "
+          f"worker(s), {summary['images_per_second_per_worker']:.0f} img/s per worker")
+
+
+def _cmd_augment(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.augment import run_augment
+    from pipeline.normalize import IMAGES_FILE, INDEX_FILE
+
+    run_augment(args.processed / IMAGES_FILE, args.processed / INDEX_FILE, params.augment, args.policy,
+                args.preview)
+    print(f"augment: policy written to {args.policy}, preview to {args.preview}")
+
+
+def _cmd_train(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.train import run_train
+
+    result = run_train(params, args.processed, args.policy, args.models, args.reports,
+                       ingest_summary=args.interim / "ingest.json", progress=not args.quiet)
+    if result.get("run_id"):
+        print(f"train: best val macro-F1 {result['best_val_macro_f1']:.4f} at epoch {result['best_epoch']} "
+              f"(MLflow run {result['run_id']})")
+
+
+def _cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.evaluate import run_evaluate
+
+    metrics = run_evaluate(params, args.models, args.processed, args.interim, args.reports)
+    print(json.dumps(metrics, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``wbc``."""
+    parser = argparse.ArgumentParser(prog="wbc", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("sample", _cmd_sample, "generate the synthetic blood-smear sample")
+    p.add_argument("--out", type=Path, default=Path("data/raw/synthetic"))
+
+    p = command("ingest", _cmd_ingest, "validate, hash and split the raw images into a manifest")
+    p.add_argument("--out", type=Path, default=INTERIM)
+    p.add_argument("--reports", type=Path, default=REPORTS)
+
+    p = command("normalize", _cmd_normalize, "resize every kept image to a square RGB array for training")
+    p.add_argument("--manifest", type=Path, default=INTERIM / "manifest.csv")
+    p.add_argument("--out", type=Path, default=PROCESSED)
+
+    p = command("augment", _cmd_augment, "build, save and preview the augmentation policy")
+    p.add_argument("--processed", type=Path, default=PROCESSED)
+    p.add_argument("--policy", type=Path, default=POLICY)
+    p.add_argument("--preview", type=Path, default=REPORTS / "augment_preview.png")
+
+    p = command("train", _cmd_train, "train the classifier (resumes an interrupted run)")
+    p.add_argument("--processed", type=Path, default=PROCESSED)
+    p.add_argument("--interim", type=Path, default=INTERIM)
+    p.add_argument("--policy", type=Path, default=POLICY)
+    p.add_argument("--models", type=Path, default=MODELS)
+    p.add_argument("--reports", type=Path, default=REPORTS)
+
+    p = command("evaluate", _cmd_evaluate, "evaluate the trained model on the test split and write the report")
+    p.add_argument("--processed", type=Path, default=PROCESSED)
+    p.add_argument("--interim", type=Path, default=INTERIM)
+    p.add_argument("--models", type=Path, default=MODELS)
+    p.add_argument("--reports", type=Path, default=REPORTS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``wbc`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params)
+        args.handler(args, params)
+    except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"wbc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Typed pipeline parameters, read from ``params.yaml`` and validated once.
+
+Every stage calls :func:`load_params`; an unknown key, a wrong type or a value outside
+what is allowed stops the run with a message naming the key and what it accepts.
+The class list, image size and other facts live here and flow from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PBC_CLASSES: tuple[str, ...] = (
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "ig",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
+)
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ParamsError(ValueError):
+    """Raised when params.yaml is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableSource(_Section):
+    """One CSV/TSV label table: which column names each image and which gives its label.
+
+    Columns left unset are found by their usual names (``path``/``file``/``filename``,
+    ``id``/``image id``, ``label``/``class``/``class label``), case and spacing ignored.
+    """
+
+    file: str = Field(min_length=1, description="the table, relative to data.root (or absolute)")
+    images: str = Field(".", description="folder of the images, relative to the table's folder")
+    path_column: str | None = Field(None, description="column holding an image path")
+    id_column: str | None = Field(
+        None, description="column holding an id, turned into a path by path_pattern"
+    )
+    path_pattern: str = Field("{id}", description="file name made from the id, e.g. '{id:03d}.bmp'")
+    label_column: str | None = None
+    group_column: str | None = Field(None, description="rows sharing a value share a split (e.g. patient)")
+    delimiter: str | None = Field(None, description="None = ',' or tab, detected from the header")
+
+    @field_validator("path_pattern")
+    @classmethod
+    def _pattern_uses_only_id(cls, value: str) -> str:
+        try:
+            value.format(id=1)
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"path_pattern may only use the field {{id}}, got {value!r} ({exc})") from None
+        except ValueError:
+            value.format(id="1")
+        return value
+
+
+class DataParams(_Section):
+    """Where the raw images are, how they are labelled and which classes the model learns.
+
+    ``source: folder`` reads ``<root>/<class>/<image>``; ``source: table`` reads label tables.
+    ``label_map`` turns other spellings or codes into class names (``SNE: neutrophil``,
+    ``"1": neutrophil``); a label mapped to null is left out on purpose (reported as excluded).
+    """
+
+    root: str = "data/raw/synthetic"
+    classes: list[str] = Field(default_factory=lambda: list(PBC_CLASSES), min_length=2)
+    source: Literal["folder", "table"] = "folder"
+    tables: list[TableSource] = Field(default_factory=list)
+    label_map: dict[str, str | None] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"class names must be unique, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_source(self) -> DataParams:
+        unknown = {
+            key: name for key, name in self.label_map.items() if name is not None and name not in self.classes
+        }
+        if unknown:
+            raise ValueError(
+                f"label_map targets must be in data.classes {self.classes} or null, got {unknown}"
+            )
+        if self.source == "table" and not self.tables:
+            raise ValueError("source 'table' needs at least one entry in data.tables")
+        if self.source == "folder" and self.tables:
+            raise ValueError("data.tables is only read when source is 'table'")
+        return self
+
+
+class SampleParams(_Section):
+    """The synthetic blood-smear sample used when no real data is configured."""
+
+    per_class: int = Field(80, ge=4)
+    size: int = Field(128, ge=32, le=1024)
+    seed: int = 0
+
+
+class IngestParams(_Section):
+    """Validation, de-duplication and splitting of the raw images."""
+
+    seed: int = 42
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_method: Literal["hash", "quota"] = Field(
+        "hash",
+        description="hash: each group's split follows from its own hash, so adding files never moves "
+        "existing ones; quota: per-class counts as close to the fractions as the groups allow",
+    )
+    min_side: int = Field(16, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1)
+    formats: list[str] = Field(default_factory=lambda: ["BMP", "JPEG", "PNG", "TIFF"], min_length=1)
+    near_dup_threshold: int = Field(
+        44, ge=0, le=128, description="max perceptual-hash distance (of 256 bits) of near-duplicates; 0 = off"
+    )
+    workers: int = Field(0, ge=0, description="0 = all CPU cores")
+
+    @field_validator("formats")
+    @classmethod
+    def _upper_formats(cls, value: list[str]) -> list[str]:
+        return sorted({name.upper() for name in value})
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> IngestParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f}; "
+                "it must stay below 0.9 so that a training split remains"
+            )
+        return self
+
+
+class NormalizeParams(_Section):
+    """Resizing every kept image to one square RGB size."""
+
+    size: int = Field(380, ge=16, le=2048)
+    mode: Literal["pad", "crop"] = "pad"
+    pad_color: tuple[int, int, int] = (255, 255, 255)
+    workers: int = Field(0, ge=0, description="0 = all CPU cores")
+
+    @field_validator("pad_color")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError(f"pad_color must be three integers in 0..255, got {list(value)}")
+        return value
+
+
+class AugmentParams(_Section):
+    """The albumentations policy applied to training images."""
+
+    hflip: Probability = 0.5
+    vflip: Probability = 0.5
+    rotate90: Probability = 0.5
+    affine: Probability = 0.5
+    shift: float = Field(0.05, ge=0.0, le=0.5)
+    scale: float = Field(0.1, ge=0.0, le=0.5)
+    rotate: float = Field(15.0, ge=0.0, le=180.0)
+    color: Probability = 0.5
+    brightness: float = Field(0.15, ge=0.0, le=1.0)
+    contrast: float = Field(0.15, ge=0.0, le=1.0)
+    hue: float = Field(0.03, ge=0.0, le=0.5)
+    blur: Probability = 0.1
+    noise: Probability = 0.1
+    preview_images: int = Field(8, ge=1, le=64)
+    seed: int = 0
+
+
+ModelName = Literal[
+    "baseline-cnn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "efficientnet-b0",
+    "efficientnet-b1",
+    "efficientnet-b2",
+    "efficientnet-b3",
+    "efficientnet-b4",
+    "efficientnet-lite0",
+]
+
+
+class TrainParams(_Section):
+    """Model, schedule and tracking of the training stage."""
+
+    model: ModelName = "efficientnet-lite0"
+    pretrained: Literal["imagenet", "none"] = "imagenet"
+    weights_path: str | None = None
+    image_size: int = Field(128, ge=32, le=1024)
+    epochs: int = Field(8, ge=1)
+    freeze_epochs: int = Field(1, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    backbone_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    class_weighting: Literal["none", "loss", "sampler"] = "loss"
+    patience: int = Field(0, ge=0, description="epochs without val macro-F1 gain before stopping; 0 = off")
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    experiment: str = Field("wbc", min_length=1)
+    log_model: bool = Field(True, description="log the trained network as an MLflow model")
+
+    @model_validator(mode="after")
+    def _freeze_within_epochs(self) -> TrainParams:
+        if self.freeze_epochs > self.epochs:
+            raise ValueError(f"freeze_epochs ({self.freeze_epochs}) cannot exceed epochs ({self.epochs})")
+        return self
+
+
+class EvaluateParams(_Section):
+    """Evaluation of the trained model on the test split."""
+
+    batch_size: int = Field(64, ge=1)
+    n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% intervals; 0 = none")
+    seed: int = 0
+
+
+class Params(_Section):
+    """All pipeline parameters, one section per stage."""
+
+    data: DataParams = DataParams()
+    sample: SampleParams = SampleParams()
+    ingest: IngestParams = IngestParams()
+    normalize: NormalizeParams = NormalizeParams()
+    augment: AugmentParams = AugmentParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        section = _section_model(error["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else ""
+        message = f"unknown key; allowed keys here: {allowed}"
+    elif "input" in error and not isinstance(error["input"], dict):
+        message = f"{message} (got {error['input']!r})"
+    return f"  {key}: {message}"
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    """Validate a params mapping; raise :class:`ParamsError` listing every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(_describe(err) for err in exc.errors())
+        raise ParamsError(f"{source} is invalid:\n{lines}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml`` (missing sections take their defaults)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw or {}, source=str(path))

@@ -1,0 +1,109 @@
+"""Datasets over the normalize stage's output.
+
+Images are read from the memory-mapped ``images.npy`` as uint8 (no decode), resized to the
+training size when it differs, augmented in the loader workers, and handed over as uint8
+CHW tensors: the model scales them itself, so the copy to the GPU moves a quarter of the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.normalize import IMAGES_FILE, INDEX_FILE
+
+
+@dataclass(frozen=True)
+class Split:
+    """The rows of one split: their positions in ``images.npy`` and integer labels."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+
+def load_index(processed_dir: Path) -> pd.DataFrame:
+    """The manifest rows in ``images.npy`` order."""
+    path = processed_dir / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `wbc normalize` (or `dvc repro`) first")
+    return pd.read_csv(path, dtype={"path": str, "label": str, "split": str, "group": str})
+
+
+def select_split(index: pd.DataFrame, split: str, classes: list[str]) -> Split:
+    """Rows of ``split`` with labels encoded in ``classes`` order."""
+    unknown = sorted(set(index["label"]) - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} in the processed data are not in data.classes {classes}")
+    mask = index["split"].to_numpy() == split
+    lookup = {name: i for i, name in enumerate(classes)}
+    labels = index.loc[mask, "label"].map(lookup).to_numpy(dtype=np.int64)
+    return Split(np.flatnonzero(mask), labels, index.loc[mask, "path"].tolist())
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a square uint8 image to ``size`` x ``size`` (area filter when shrinking)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    interpolation = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_CUBIC
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+class ProcessedImages(Dataset):
+    """(uint8 CHW image tensor, label) pairs read from ``images.npy``.
+
+    Items may be indexed by ``(epoch, i)`` (see :class:`EpochSampler`): the augmentation of
+    each draw is then seeded by (seed, epoch, i), so it does not depend on the number of loader
+    workers, their scheduling, or whether the run was resumed.
+    """
+
+    def __init__(self, processed_dir: Path, split: Split, image_size: int, policy: A.Compose | None = None,
+                 seed: int = 0):
+        self.images_path = processed_dir / IMAGES_FILE
+        self.split = split
+        self.image_size = image_size
+        self.policy = policy
+        self.seed = seed
+        self._images: np.ndarray | None = None  # opened lazily: one memory map per worker process
+
+    def __len__(self) -> int:
+        return len(self.split.rows)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, item = key if isinstance(key, tuple) else (0, key)
+        if self._images is None:
+            self._images = np.load(self.images_path, mmap_mode="r")
+        image = resize_square(np.asarray(self._images[self.split.rows[item]]), self.image_size)
+        if self.policy is not None:
+            self.policy.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, item]).generate_state(1)[0]))
+            image = self.policy(image=image)["image"]
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return tensor, int(self.split.labels[item])
+
+
+class EpochSampler(Sampler):
+    """Wraps a sampler so it yields ``(epoch, index)``: the epoch reaches the dataset even in
+    persistent loader workers, which never see attributes set in the main process."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``; forwarded to samplers that reshuffle per epoch (DistributedSampler)."""
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

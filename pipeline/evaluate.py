@@ -1,0 +1,145 @@
+"""Evaluate stage: the trained model on the test split, per class, with a report.
+
+Writes ``metrics.json`` (DVC metrics), ``per_class.csv`` and ``predictions.csv`` (DVC plots),
+pictures under ``figures/`` and ``report.html``/``report.md``, and logs all of it into the
+MLflow run that trained the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from pipeline import tracking
+from pipeline.config import Params
+from pipeline.data import ProcessedImages, load_index, select_split
+from pipeline.inference import load_model, pick_device, predict_logits
+from pipeline.metrics import (
+    calibration_summary,
+    classification_metrics,
+    fit_temperature,
+    flat_metrics,
+    softmax,
+    write_figures,
+)
+from pipeline.report import write_report
+
+PER_CLASS_COLUMNS = ["precision", "recall", "specificity", "f1", "roc_auc", "average_precision"]
+
+
+def dataset_name(ingest: dict) -> str:
+    """A short human name of the ingested dataset."""
+    name = Path(ingest.get("root", "unknown")).name or str(ingest.get("root"))
+    return f"{name} (synthetic sample)" if ingest.get("synthetic") else name
+
+
+def per_class_table(metrics: dict) -> pd.DataFrame:
+    """One row per class: point values of the per-class metrics and the support."""
+    rows = []
+    for name, entry in metrics["per_class"].items():
+        row = {"class": name, **{key: entry[key]["value"] for key in PER_CLASS_COLUMNS}}
+        row["support"] = entry["support"]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["class", *PER_CLASS_COLUMNS, "support"])
+
+
+def predictions_table(paths: list[str], y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Per test image: path, true and predicted class, and every class probability."""
+    table = pd.DataFrame({
+        "path": paths,
+        "actual": [classes[i] for i in y_true],
+        "predicted": [classes[i] for i in probs.argmax(axis=1)],
+    })
+    for i, name in enumerate(classes):
+        table[f"p_{name}"] = probs[:, i].round(6)
+    return table
+
+
+def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_dir: Path,
+                 reports_dir: Path) -> dict[str, float]:
+    """Evaluate ``model_dir/model.pt`` on the test split; return the flat headline metrics."""
+    cfg = params.evaluate
+    device = pick_device(params.train.device)
+    model, meta = load_model(model_dir / "model.pt", device)
+    classes = list(meta["classes"])
+    index = load_index(processed_dir)
+
+    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        rows = select_split(index, split, classes)
+        if len(rows.rows) == 0:
+            raise ValueError(f"{processed_dir}: the {split} split is empty; nothing to evaluate")
+        loader = DataLoader(ProcessedImages(processed_dir, rows, meta["image_size"]), batch_size=cfg.batch_size,
+                            num_workers=0)
+        logits, labels = predict_logits(model, loader, device)
+        return logits, labels, rows.paths
+
+    test_logits, y_test, test_paths = logits_of("test")
+    val_logits, y_val, _ = logits_of("val")
+    temperature = fit_temperature(val_logits, y_val)
+    probs = softmax(test_logits)
+    metrics = classification_metrics(y_test, probs, classes, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    metrics["calibration"] = calibration_summary(y_test, test_logits, temperature)
+    flat = flat_metrics(metrics)
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    history_path = reports_dir / "train_history.csv"
+    history = pd.read_csv(history_path) if history_path.is_file() else None
+    figures = write_figures(reports_dir / "figures", y_test, probs, classes, history=history,
+                            y_prob_calibrated=softmax(test_logits, temperature))
+    (reports_dir / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
+    per_class_table(metrics).to_csv(reports_dir / "per_class.csv", index=False)
+    predictions_table(test_paths, y_test, probs, classes).to_csv(reports_dir / "predictions.csv", index=False)
+
+    ingest_path = interim_dir / "ingest.json"
+    ingest = json.loads(ingest_path.read_text(encoding="utf-8")) if ingest_path.is_file() else {}
+    run_path = model_dir / "run.json"
+    run_info = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else {}
+    git = tracking.git_state()
+    provenance = {
+        **ingest,
+        "dataset": dataset_name(ingest),
+        "split": "test",
+        "git_commit": git["git.commit"],
+        "git_dirty": git["git.dirty"],
+        "mlflow_run_id": run_info.get("run_id", "not tracked"),
+        "mlflow_experiment_id": run_info.get("experiment_id", ""),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    model_info = {key: meta[key] for key in ("model", "pretrained", "image_size", "best_epoch",
+                                              "best_val_macro_f1") if key in meta}
+    model_info["temperature (fitted on val)"] = round(temperature, 4)
+    synthetic = bool(ingest.get("synthetic", False))
+    write_report(
+        reports_dir / "report.html",
+        reports_dir / "report.md",
+        title=f"WBC classifier evaluation: {meta['model']} on {provenance['dataset']}",
+        synthetic=synthetic,
+        provenance=provenance,
+        model=model_info,
+        params=params.model_dump(mode="json"),
+        metrics=metrics,
+        figures=figures,
+    )
+    _log_to_mlflow(run_info, flat, reports_dir, temperature)
+    return flat
+
+
+def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path, temperature: float) -> None:
+    """Add the evaluation to the training run (a new run when the model was trained elsewhere)."""
+    if run_info.get("tracking_uri") and "MLFLOW_TRACKING_URI" not in os.environ:
+        mlflow.set_tracking_uri(run_info["tracking_uri"])
+    else:
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=run_info.get("run_id")):
+        mlflow.log_metrics({f"test_{key}": value for key, value in flat.items()})
+        mlflow.log_metric("temperature", temperature)
+        for name in ("metrics.json", "per_class.csv", "predictions.csv", "report.html", "report.md"):
+            mlflow.log_artifact(str(reports_dir / name), artifact_path="evaluation")
+        mlflow.log_artifacts(str(reports_dir / "figures"), artifact_path="evaluation/figures")

@@ -1,0 +1,576 @@
+"""The evaluation report: one self-contained HTML page and a Markdown summary.
+
+The HTML embeds its figures as base64 ``data:`` URIs and carries its CSS inline, so it opens
+offline, can be attached to an MLflow run or mailed as one file. Every string that comes
+from data, params or the environment is HTML-escaped before it reaches the page.
+
+``metrics`` is the dict from :func:`pipeline.metrics.classification_metrics`, optionally with
+a ``calibration`` section from :func:`pipeline.metrics.calibration_summary`.
+``provenance`` needs ``dataset`` and ``split`` (where the numbers come from) and may carry the
+fields of ``ingest.json`` (root, counts, n_files, n_kept, n_rejected, rejected_by_reason,
+data_hash, classes) plus git_commit, git_dirty, mlflow_run_id, mlflow_experiment_id,
+tracking_uri and created; other keys are listed as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from pipeline.metrics import most_confused_pairs
+
+OVERALL_LABELS = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy (mean recall)",
+    "macro_f1": "Macro F1",
+    "weighted_f1": "Weighted F1",
+    "cohen_kappa": "Cohen's kappa",
+    "mcc": "Matthews correlation (MCC)",
+    "log_loss": "Log loss (lower is better)",
+    "ece": "Expected calibration error (lower is better)",
+}
+PER_CLASS_COLUMNS = (
+    ("precision", "Precision (PPV)"),
+    ("recall", "Recall (sensitivity)"),
+    ("specificity", "Specificity"),
+    ("f1", "F1"),
+    ("roc_auc", "ROC AUC"),
+    ("average_precision", "Average precision"),
+)
+CALIBRATION_LABELS = {
+    "temperature": "Fitted temperature T",
+    "ece": "ECE, raw probabilities",
+    "ece_calibrated": "ECE, temperature-scaled",
+    "log_loss": "Log loss, raw probabilities",
+    "log_loss_calibrated": "Log loss, temperature-scaled",
+}
+FIGURE_CAPTIONS = {
+    "confusion": "Confusion matrix (counts). Rows are the true class, columns the predicted class.",
+    "confusion_normalized": (
+        "Confusion matrix normalised by true class: each row sums to 1 and the diagonal is the "
+        "recall (sensitivity) of that class."
+    ),
+    "confused_pairs": (
+        "Most frequent misclassifications (true → predicted), with the share of the true class."
+    ),
+    "roc": "One-vs-rest ROC curve of each class, with its area under the curve.",
+    "pr": (
+        "One-vs-rest precision-recall curve of each class, with its average precision; "
+        "more telling than ROC for rare classes."
+    ),
+    "reliability": (
+        "Reliability diagram: accuracy within each confidence bin. Bars on the diagonal mean the "
+        "predicted probabilities can be read as frequencies; the lower panel counts images per bin."
+    ),
+    "training_curves": (
+        "Training history: loss, validation accuracy and macro F1, and learning rate per epoch."
+    ),
+}
+# Figures that do not come from the evaluated split.
+FIGURE_SOURCES = {"training_curves": "train and validation splits"}
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+_MISSING = "—"
+
+CSS = """
+:root { --ink:#1d2330; --muted:#5b6475; --line:#d9dee7; --soft:#f4f6fa; --accent:#1f5fae; --warn:#a4161a; }
+* { box-sizing: border-box; }
+body { margin:0; font:15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color:var(--ink); background:#fff; }
+main { max-width:1120px; margin:0 auto; padding:28px 32px 60px; }
+h1 { font-size:26px; margin:0 0 6px; }
+h2 { font-size:19px; margin:36px 0 10px; padding-bottom:6px; border-bottom:2px solid var(--line); }
+h3 { font-size:15px; margin:20px 0 8px; }
+p.source, .note { color:var(--muted); font-size:13px; margin:4px 0 12px; }
+.banner { background:#fdecea; border:1px solid #f5c2c0; border-left:6px solid var(--warn); color:var(--warn);
+          padding:12px 16px; border-radius:4px; margin:16px 0; font-weight:600; }
+.cards { display:flex; flex-wrap:wrap; gap:12px; margin:14px 0 6px; }
+.card { flex:1 1 180px; border:1px solid var(--line); border-radius:6px; padding:12px 14px;
+        background:var(--soft); }
+.card .label { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.card .value { font-size:26px; font-weight:650; color:var(--accent); }
+.card .ci { color:var(--muted); font-size:12px; }
+table { border-collapse:collapse; margin:8px 0 14px; font-size:13.5px; }
+th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:left; vertical-align:top; }
+th { background:var(--soft); font-weight:600; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+td .ci { color:var(--muted); font-size:12px; }
+tbody tr:hover { background:#fafbfd; }
+td.undefined { color:var(--muted); font-style:italic; }
+.wide { overflow-x:auto; }
+figure { margin:18px 0 26px; }
+figure img { max-width:100%; height:auto; border:1px solid var(--line); border-radius:4px; }
+figcaption { color:var(--muted); font-size:13px; margin-top:6px; max-width:820px; }
+pre { background:var(--soft); border:1px solid var(--line); border-radius:4px; padding:12px; font-size:12.5px;
+      overflow-x:auto; }
+code { font-family:ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size:12.5px; }
+dl.glossary dt { font-weight:600; margin-top:6px; }
+dl.glossary dd { margin:0 0 4px 16px; color:var(--muted); font-size:13px; }
+.dirty { color:var(--warn); font-weight:600; }
+footer { margin-top:40px; color:var(--muted); font-size:12px; }
+@media print { .banner { -webkit-print-color-adjust:exact; print-color-adjust:exact; }
+               figure { break-inside:avoid; } }
+"""
+
+GLOSSARY = (
+    ("Recall (sensitivity)", "Share of cells of a class that the model labels as that class."),
+    ("Precision (PPV)", "Share of cells labelled as a class that truly belong to it."),
+    ("Specificity", "Share of cells of all other classes that the model does not label as this class."),
+    (
+        "F1",
+        "Harmonic mean of precision and recall. Macro F1 averages the classes equally; weighted F1 "
+        "weights them by support.",
+    ),
+    (
+        "ROC AUC / average precision",
+        "Threshold-free one-vs-rest ranking quality from the predicted "
+        "probability of the class; average precision is the area under the precision-recall curve.",
+    ),
+    ("Cohen's kappa / MCC", "Agreement with the true labels corrected for chance; 0 is chance, 1 perfect."),
+    ("ECE", "Expected calibration error: mean gap between confidence and accuracy over 15 confidence bins."),
+    (
+        "95% CI",
+        "Percentile bootstrap interval: the evaluated images are resampled with replacement and "
+        "each metric recomputed; resamples in which a metric is undefined are left out.",
+    ),
+    (
+        "n/a",
+        "Undefined on this split, e.g. recall or AUC of a class with no images in it, or the "
+        "precision of a class that is never predicted.",
+    ),
+)
+
+
+# ---------------------------------------------------------------------------
+# Formatting helpers
+# ---------------------------------------------------------------------------
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _number(value: float | int | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def _ci_text(entry: Mapping) -> str:
+    if entry.get("ci_low") is None or entry.get("ci_high") is None:
+        return ""
+    return f"{_number(entry['ci_low'])}–{_number(entry['ci_high'])}"
+
+
+def _display_title(title: str, synthetic: bool) -> str:
+    if synthetic and "SYNTHETIC" not in title.upper():
+        return f"{title} — SYNTHETIC DATA"
+    return title
+
+
+def _source_line(provenance: Mapping, metrics: Mapping) -> str:
+    """Plain-text statement of where the numbers come from (escaped by the caller)."""
+    dataset = provenance.get("dataset", "unnamed dataset")
+    split = provenance.get("split", "unnamed split")
+    return f"{split} split of {dataset}, n = {metrics['n']:,} images"
+
+
+def _ci_note(metrics: Mapping) -> str:
+    if not metrics.get("n_bootstrap"):
+        return "No bootstrap intervals were computed."
+    level = round(100 * metrics.get("ci_level", 0.95))
+    return (
+        f"{level}% percentile bootstrap intervals over {metrics['n_bootstrap']:,} resamples "
+        f"(seed {metrics.get('seed', 0)})."
+    )
+
+
+def _plain(value: object) -> str:
+    """A provenance / model value as readable text (containers as compact JSON)."""
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def _md_cell(value: object) -> str:
+    return _esc(value).replace("|", "\\|").replace("\n", " ")
+
+
+# ---------------------------------------------------------------------------
+# Provenance rows shared by HTML and Markdown
+# ---------------------------------------------------------------------------
+
+
+_REPRO_KEYS = {
+    "git_commit": "Git commit",
+    "git_dirty": "Uncommitted changes",
+    "mlflow_run_id": "MLflow run id",
+    "mlflow_experiment_id": "MLflow experiment id",
+    "tracking_uri": "MLflow tracking URI",
+}
+
+
+def _split_sizes(counts: Mapping) -> str:
+    return ", ".join(f"{split} {sum(per_class.values()):,}" for split, per_class in counts.items())
+
+
+def _provenance_rows(provenance: Mapping, synthetic: bool) -> list[tuple[str, str]]:
+    known = {
+        "dataset": "Dataset",
+        "split": "Evaluated split",
+        "root": "Dataset root",
+        "data_hash": "Data hash (sha256 of kept path, label, file hash)",
+        "n_files": "Files found",
+        "n_kept": "Images kept",
+        "n_rejected": "Files rejected",
+        "created": "Report created",
+    }
+    rows = [("Data", "SYNTHETIC (generated images, not patient data)" if synthetic else "real images")]
+    for key, label in known.items():
+        if key in provenance:
+            rows.append((label, _plain(provenance[key])))
+    if isinstance(provenance.get("counts"), Mapping):
+        rows.append(("Split sizes", _split_sizes(provenance["counts"])))
+    if isinstance(provenance.get("rejected_by_reason"), Mapping):
+        reasons = provenance["rejected_by_reason"]
+        rows.append(("Rejected by reason", ", ".join(f"{r}: {n}" for r, n in reasons.items()) or "none"))
+    handled = set(known) | {"counts", "rejected_by_reason", "synthetic", "classes"} | set(_REPRO_KEYS)
+    rows += [(str(key), _plain(value)) for key, value in provenance.items() if key not in handled]
+    return rows
+
+
+def _repro_rows(provenance: Mapping) -> list[tuple[str, str]]:
+    return [(label, _plain(provenance.get(key))) for key, label in _REPRO_KEYS.items()]
+
+
+# ---------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------
+
+
+def _html_kv_table(rows: Iterable[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _html_metric_cell(entry: Mapping) -> str:
+    if entry.get("value") is None:
+        return '<td class="num undefined" title="undefined on this split">n/a</td>'
+    ci = _ci_text(entry)
+    ci_html = f'<br><span class="ci">{_esc(ci)}</span>' if ci else ""
+    return f'<td class="num">{_number(entry["value"])}{ci_html}</td>'
+
+
+def _html_cards(overall: Mapping) -> str:
+    cards = []
+    for key in ("macro_f1", "balanced_accuracy", "accuracy", "cohen_kappa"):
+        entry = overall.get(key)
+        if not isinstance(entry, Mapping):
+            continue
+        ci = _ci_text(entry)
+        cards.append(
+            f'<div class="card"><div class="label">{_esc(OVERALL_LABELS[key])}</div>'
+            f'<div class="value">{_number(entry.get("value"))}</div>'
+            f'<div class="ci">{"95% CI " + _esc(ci) if ci else "&nbsp;"}</div></div>'
+        )
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _html_headline(metrics: Mapping, source: str) -> str:
+    overall = metrics["overall"]
+    rows = []
+    for key, label in OVERALL_LABELS.items():
+        if isinstance(overall.get(key), Mapping):
+            rows.append(f"<tr><th>{_esc(label)}</th>{_html_metric_cell(overall[key])}</tr>")
+    return (
+        "<h2>Headline metrics</h2>"
+        f'<p class="source">Source: {_esc(source)}. {_esc(_ci_note(metrics))}</p>'
+        f"{_html_cards(overall)}"
+        '<table><thead><tr><th>Metric</th><th class="num">Value<br><span class="ci">95% CI</span></th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _html_per_class(metrics: Mapping, source: str) -> str:
+    head = "".join(f'<th class="num">{_esc(label)}</th>' for _, label in PER_CLASS_COLUMNS)
+    rows = []
+    for name, entry in metrics["per_class"].items():
+        cells = "".join(_html_metric_cell(entry[key]) for key, _ in PER_CLASS_COLUMNS)
+        rows.append(f'<tr><th>{_esc(name)}</th><td class="num">{entry["support"]:,}</td>{cells}</tr>')
+    return (
+        "<h2>Per-class metrics</h2>"
+        f'<p class="source">Source: {_esc(source)}. One-vs-rest; value with 95% CI below it. '
+        "Support is the number of images of the class in the split.</p>"
+        f'<div class="wide"><table><thead><tr><th>Class</th><th class="num">Support</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _html_confusion(metrics: Mapping, source: str) -> str:
+    classes = metrics["classes"]
+    cm = metrics["confusion_matrix"]
+    head = "".join(f'<th class="num">{_esc(c)}</th>' for c in classes)
+    rows = "".join(
+        f"<tr><th>{_esc(c)}</th>" + "".join(f'<td class="num">{n:,}</td>' for n in row) + "</tr>"
+        for c, row in zip(classes, cm, strict=True)
+    )
+    pairs = most_confused_pairs(cm, classes, top=10)
+    support = {c: sum(row) for c, row in zip(classes, cm, strict=True)}
+    pair_rows = "".join(
+        f'<tr><td>{_esc(t)}</td><td>{_esc(p)}</td><td class="num">{n:,}</td>'
+        f'<td class="num">{n / support[t]:.1%}</td></tr>'
+        for t, p, n in pairs
+    )
+    pair_table = (
+        '<table><thead><tr><th>True class</th><th>Predicted as</th><th class="num">Images</th>'
+        f'<th class="num">Share of true class</th></tr></thead><tbody>{pair_rows}</tbody></table>'
+        if pairs
+        else '<p class="note">No misclassifications.</p>'
+    )
+    return (
+        "<h2>Errors</h2>"
+        f'<p class="source">Source: {_esc(source)}.</p>'
+        f"<h3>Most confused pairs</h3>{pair_table}"
+        "<details><summary>Confusion matrix as a table (rows: true class, columns: predicted)</summary>"
+        f'<div class="wide"><table><thead><tr><th>true \\ predicted</th>{head}</tr></thead>'
+        f"<tbody>{rows}</tbody></table></div></details>"
+    )
+
+
+def _html_calibration(metrics: Mapping, source: str) -> str:
+    calibration = metrics.get("calibration")
+    if not isinstance(calibration, Mapping):
+        return ""
+    rows = [(CALIBRATION_LABELS.get(k, k), _number(v, 4)) for k, v in calibration.items()]
+    return (
+        "<h2>Calibration</h2>"
+        f'<p class="source">Source: {_esc(source)}. The temperature is fitted on the validation split '
+        "and applied to this split; it rescales confidence without changing any prediction.</p>"
+        f"{_html_kv_table(rows)}"
+    )
+
+
+def _data_uri(path: Path) -> str:
+    mime = _MIME.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"{path}: only PNG or JPEG figures can be embedded")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def _ordered_figures(figures: Mapping[str, Path]) -> list[tuple[str, Path]]:
+    known = [key for key in FIGURE_CAPTIONS if key in figures]
+    return [(key, Path(figures[key])) for key in known + [k for k in figures if k not in FIGURE_CAPTIONS]]
+
+
+def _figure_caption(key: str, provenance: Mapping) -> str:
+    caption = FIGURE_CAPTIONS.get(key, key.replace("_", " ").capitalize() + ".")
+    split = FIGURE_SOURCES.get(key, f"{provenance.get('split', 'unnamed')} split")
+    return f"{caption} Source: {split} of {provenance.get('dataset', 'unnamed dataset')}."
+
+
+def _html_figures(figures: Mapping[str, Path], provenance: Mapping) -> str:
+    if not figures:
+        return ""
+    parts = []
+    for key, path in _ordered_figures(figures):
+        caption = _figure_caption(key, provenance)
+        parts.append(
+            f'<figure id="fig-{_esc(key)}"><img src="{_data_uri(path)}" alt="{_esc(caption)}">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>"
+        )
+    return "<h2>Figures</h2>" + "".join(parts)
+
+
+def _html_model(model: Mapping, params: Mapping) -> str:
+    params_yaml = yaml.safe_dump(_jsonable(params), sort_keys=False, allow_unicode=True).strip()
+    return (
+        "<h2>Model and parameters</h2>"
+        f"{_html_kv_table((str(k), _plain(v)) for k, v in model.items())}"
+        "<h3>Pipeline parameters (params.yaml as validated)</h3>"
+        f"<pre><code>{_esc(params_yaml)}</code></pre>"
+    )
+
+
+def _html_repro(provenance: Mapping) -> str:
+    rows = []
+    for label, value in _repro_rows(provenance):
+        dirty = label == _REPRO_KEYS["git_dirty"] and provenance.get("git_dirty") is True
+        cls = ' class="dirty"' if dirty else ""
+        rows.append(f"<tr><th>{_esc(label)}</th><td{cls}>{_esc(value)}</td></tr>")
+    return "<h2>Reproducibility</h2>" + f"<table>{''.join(rows)}</table>"
+
+
+def _html_glossary() -> str:
+    items = "".join(f"<dt>{_esc(term)}</dt><dd>{_esc(text)}</dd>" for term, text in GLOSSARY)
+    return f'<h2>How to read the numbers</h2><dl class="glossary">{items}</dl>'
+
+
+def _jsonable(value: object) -> object:
+    """Params as plain data for YAML (tuples to lists, unknown objects to strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _render_html(
+    title: str,
+    synthetic: bool,
+    provenance: Mapping,
+    model: Mapping,
+    params: Mapping,
+    metrics: Mapping,
+    figures: Mapping[str, Path],
+) -> str:
+    source = _source_line(provenance, metrics)
+    banner = (
+        '<div class="banner">SYNTHETIC DATA: these images were generated by the pipeline, not taken from '
+        "patients. The numbers test the software only and say nothing about diagnostic performance.</div>"
+        if synthetic
+        else ""
+    )
+    created = provenance.get("created") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        _html_headline(metrics, source),
+        _html_per_class(metrics, source),
+        _html_confusion(metrics, source),
+        _html_calibration(metrics, source),
+        _html_figures(figures, provenance),
+        "<h2>Data provenance</h2>" + _html_kv_table(_provenance_rows(provenance, synthetic)),
+        _html_model(model, params),
+        _html_repro(provenance),
+        _html_glossary(),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head>"
+        f"<body><main><h1>{_esc(title)}</h1>"
+        f'<p class="source">All metrics: {_esc(source)} · report created {_esc(created)}</p>'
+        f"{banner}{''.join(sections)}"
+        "<footer>Generated by the wbc pipeline evaluate stage.</footer></main></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------
+
+
+def _longest_backtick_run(text: str) -> int:
+    run = longest = 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    return longest
+
+
+def _md_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _md_metric(entry: Mapping) -> str:
+    if entry.get("value") is None:
+        return "n/a"
+    ci = _ci_text(entry)
+    return f"{_number(entry['value'])} ({ci})" if ci else _number(entry["value"])
+
+
+def _render_md(
+    title: str,
+    synthetic: bool,
+    provenance: Mapping,
+    model: Mapping,
+    params: Mapping,
+    metrics: Mapping,
+    figures: Mapping[str, Path],
+    out_md: Path,
+) -> str:
+    source = _source_line(provenance, metrics)
+    lines = [f"# {_md_cell(title)}", ""]
+    if synthetic:
+        lines += [
+            "> **SYNTHETIC DATA**: generated images, not patient data; these numbers test the software only.",
+            "",
+        ]
+    lines += [f"All metrics: {_md_cell(source)}. {_ci_note(metrics)}", "", "## Headline metrics", ""]
+    overall = metrics["overall"]
+    lines += _md_table(
+        ["Metric", "Value (95% CI)"],
+        ([label, _md_metric(overall[key])] for key, label in OVERALL_LABELS.items() if key in overall),
+    )
+    lines += ["", "## Per-class metrics", ""]
+    header = ["Class", "Support"] + [label for _, label in PER_CLASS_COLUMNS]
+    lines += _md_table(
+        header,
+        (
+            [_md_cell(name), f"{entry['support']:,}"]
+            + [_md_metric(entry[key]) for key, _ in PER_CLASS_COLUMNS]
+            for name, entry in metrics["per_class"].items()
+        ),
+    )
+    calibration = metrics.get("calibration")
+    if isinstance(calibration, Mapping):
+        lines += ["", "## Calibration", ""]
+        lines += _md_table(
+            ["Quantity", "Value"],
+            ([CALIBRATION_LABELS.get(k, _md_cell(k)), _number(v, 4)] for k, v in calibration.items()),
+        )
+    if figures:
+        lines += ["", "## Figures", ""]
+        for key, path in _ordered_figures(figures):
+            link = Path(os.path.relpath(Path(path).resolve(), out_md.resolve().parent)).as_posix()
+            lines.append(f"- [{_md_cell(_figure_caption(key, provenance))}]({link})")
+    lines += ["", "## Data provenance", ""]
+    lines += _md_table(
+        ["Item", "Value"], ([_md_cell(k), _md_cell(v)] for k, v in _provenance_rows(provenance, synthetic))
+    )
+    lines += ["", "## Model", ""]
+    lines += _md_table(["Item", "Value"], ([_md_cell(k), _md_cell(_plain(v))] for k, v in model.items()))
+    params_yaml = yaml.safe_dump(_jsonable(params), sort_keys=False, allow_unicode=True).strip()
+    # A fence longer than any backtick run inside keeps the block closed whatever the values hold.
+    fence = "`" * max(3, _longest_backtick_run(params_yaml) + 1)
+    lines += ["", "## Parameters", "", f"{fence}yaml", params_yaml, fence]
+    lines += ["", "## Reproducibility", ""]
+    lines += _md_table(["Item", "Value"], ([_md_cell(k), _md_cell(v)] for k, v in _repro_rows(provenance)))
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out_html: Path,
+    out_md: Path,
+    *,
+    title: str,
+    synthetic: bool,
+    provenance: dict,
+    model: dict,
+    params: dict,
+    metrics: dict,
+    figures: dict[str, Path],
+) -> None:
+    """Write the self-contained HTML report and its Markdown summary.
+
+    ``figures`` maps a figure key (see :data:`FIGURE_CAPTIONS`; other keys get a generic
+    caption) to a PNG or JPEG file, embedded in the HTML and linked from the Markdown.
+    When ``synthetic`` is true, the title says so and a banner warns the reader.
+    """
+    out_html, out_md = Path(out_html), Path(out_md)
+    title = _display_title(title, synthetic)
+    page = _render_html(title, synthetic, provenance, model, params, metrics, figures)
+    summary = _render_md(title, synthetic, provenance, model, params, metrics, figures, out_md)
+    for path, text in ((out_html, page), (out_md, summary)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny generated datasets and an isolated MLflow store per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.augment import build_policy, save_policy
+from pipeline.config import PBC_CLASSES, parse_params
+from pipeline.normalize import run_normalize
+from pipeline.sample import generate_sample
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> str:
+    """One throw-away SQLite MLflow store for the test session (creating one costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(mlflow_store, monkeypatch) -> str:
+    """Tests log into the session's store, never the project's."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    return mlflow_store
+
+
+def tiny_params(**sections):
+    """Params for tiny, fast runs; ``sections`` override whole keys per section."""
+    raw = {
+        "sample": {"per_class": 6, "size": 48, "seed": 0},
+        "normalize": {"size": 40, "workers": 1},
+        "augment": {"preview_images": 2},
+        "train": {
+            "model": "baseline-cnn",
+            "pretrained": "none",
+            "image_size": 32,
+            "epochs": 3,
+            "freeze_epochs": 0,
+            "batch_size": 8,
+            "num_workers": 0,
+            "lr": 0.003,
+            "experiment": "tests",
+            "log_model": False,
+        },
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return parse_params(raw)
+
+
+def split_manifest(root: Path, per_class: dict[str, int]) -> pd.DataFrame:
+    """A hand-made manifest of a folder-per-class tree: per class, the last image is test,
+    the one before it val, the rest train (independent of the ingest stage)."""
+    rows = []
+    for name, count in per_class.items():
+        for i, path in enumerate(sorted((root / name).iterdir())):
+            split = "test" if i == count - 1 else "val" if i == count - 2 else "train"
+            rows.append({"path": f"{name}/{path.name}", "label": name, "sha256": f"{name}{i}", "width": 0,
+                         "height": 0, "bytes": path.stat().st_size, "split": split, "group": f"{name}{i}"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def tiny_processed(tmp_path) -> tuple[Path, Path, Path]:
+    """(raw root, processed dir, policy path) for a 6-per-class synthetic sample at 40 px."""
+    params = tiny_params()
+    raw = tmp_path / "raw"
+    counts = generate_sample(raw, params.sample, PBC_CLASSES)
+    manifest = split_manifest(raw, counts)
+    manifest_path = tmp_path / "manifest.csv"
+    manifest.to_csv(manifest_path, index=False)
+    processed = tmp_path / "processed"
+    run_normalize(manifest_path, raw, processed, params.normalize, progress=False)
+    policy = tmp_path / "policy.json"
+    save_policy(build_policy(params.augment), policy)
+    return raw, processed, policy
