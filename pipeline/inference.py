@@ -47,7 +47,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifi
     meta = checkpoint["meta"]
     model = build_classifier(meta["model"], len(meta["classes"]), meta["image_size"], pretrained=False)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device).eval(), meta
+    return model.to(device, memory_format=torch.channels_last).eval(), meta
 
 
 @torch.no_grad()
@@ -56,9 +56,7 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.dev
     model.eval()
     logits, labels = [], []
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device):
             out = model(images)
         logits.append(out.float().cpu())

@@ -22,7 +22,7 @@ from pipeline.train import class_weights, parameter_groups, run_train, warmup_co
 def test_warmup_then_cosine():
     factors = [warmup_cosine(step, 4, 20) for step in range(20)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
     assert factors[-1] < 0.05
 
 
@@ -139,20 +139,25 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_processed, tmp_path, mon
     _, processed, policy = tiny_processed
     out = tmp_path / "x"
     real_evaluate = train_module.evaluate_split
+    calls = {"n": 0}
 
-    def die(*args, **kwargs):
-        raise KeyboardInterrupt
+    def die_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_split", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    params = tiny_params(train={"epochs": 2})
+    monkeypatch.setattr(train_module, "evaluate_split", die_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_train(params, processed, policy, out / "models", out / "reports", progress=False)
+        run_train(tiny_params(train={"epochs": 3}), processed, policy, out / "models", out / "reports",
+                  progress=False)
     mlflow.end_run()
+    assert (out / "models" / "checkpoints" / "last.pt").is_file()
     monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
-    # the kill happened before any checkpoint: simulate one from a different lr by training one epoch
-    run_train(tiny_params(train={"epochs": 1}), processed, policy, out / "models", out / "reports", progress=False)
-    history = pd.read_csv(out / "reports" / "train_history.csv")
-    assert history["epoch"].tolist() == [1]
+    run_train(tiny_params(train={"epochs": 2, "lr": 0.001}), processed, policy, out / "models", out / "reports",
+              progress=False)
+    assert "starting afresh" in capsys.readouterr().out
+    assert pd.read_csv(out / "reports" / "train_history.csv")["epoch"].tolist() == [1, 2]
 
 
 @pytest.mark.slow
