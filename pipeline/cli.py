@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         args.handler(args, params)
     except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        if os.environ.get("WBC_DEBUG"):
+            raise
         print(f"wbc {args.command}: error: {exc}", file=sys.stderr)
+        print("(set WBC_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

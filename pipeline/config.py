@@ -105,7 +105,7 @@ class DataParams(_Section):
 class SampleParams(_Section):
     """The synthetic blood-smear sample used when no real data is configured."""
 
-    per_class: int = Field(80, ge=4)
+    per_class: int = Field(100, ge=4)
     size: int = Field(128, ge=32, le=1024)
     seed: int = 0
 
@@ -200,12 +200,12 @@ class TrainParams(_Section):
     model: ModelName = "efficientnet-lite0"
     pretrained: Literal["imagenet", "none"] = "imagenet"
     weights_path: str | None = None
-    image_size: int = Field(128, ge=32, le=1024)
-    epochs: int = Field(8, ge=1)
+    image_size: int = Field(96, ge=32, le=1024)
+    epochs: int = Field(12, ge=1)
     freeze_epochs: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    backbone_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+    lr: float = Field(2e-3, gt=0.0)
+    backbone_lr_factor: float = Field(0.5, gt=0.0, le=1.0)
     warmup_epochs: float = Field(0.5, ge=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)

@@ -903,7 +903,7 @@ def ingest_report(
     """The Markdown ingest report: counts per class and split, rejections, duplicates."""
     kind = "the generated synthetic sample" if summary["synthetic"] else "real data"
     lines = [
-        "# Ingest report",
+        "# Ingest report" + (" — SYNTHETIC DATA" if summary["synthetic"] else ""),
         "",
         f"Source `{summary['root']}` ({kind}, {params.data.source} layout): {summary['n_files']} files, "
         f"**{summary['n_kept']} kept**, **{summary['n_rejected']} rejected**. "

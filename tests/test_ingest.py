@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ParamsError, parse_params
+from pipeline.config import NormalizeParams, ParamsError, parse_params
 from pipeline.imaging import read_rgb
 from pipeline.ingest import IngestError, run_ingest
+from pipeline.normalize import run_normalize
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
@@ -365,6 +366,13 @@ def test_a_pbc_subset_ingests_cleanly(tmp_path):
     assert summary["n_files"] == 10 * len(classes)
     assert summary["n_kept"] + summary["n_rejected"] == summary["n_files"]
     assert all(summary["counts"][split][cls] >= 1 for split in ("train", "val", "test") for cls in classes)
+    # ... and the kept images normalize to 380x380 RGB, one row per manifest entry.
+    normalized = run_normalize(tmp_path / "interim" / "manifest.csv", root, tmp_path / "processed",
+                               NormalizeParams(size=380, workers=2), progress=False)
+    images = np.load(tmp_path / "processed" / "images.npy", mmap_mode="r")
+    assert normalized["images"] == summary["n_kept"] == images.shape[0]
+    assert images.shape[1:] == (380, 380, 3)
+    assert 50 < float(images[0].mean()) < 250  # a real cell picture, not padding or zeros
 
 
 WBC_SEG_DATA = {
