@@ -20,10 +20,10 @@ $(BIN)/wbc: pyproject.toml
 setup: $(BIN)/wbc
 
 run: setup
-	$(BIN)/dvc repro
+	. $(BIN)/activate && dvc repro
 
 test: setup
-	$(BIN)/python -m pytest
+	. $(BIN)/activate && python -m pytest
 
 lint: setup
 	$(BIN)/ruff check pipeline tests benchmarks
