@@ -76,6 +76,14 @@ def _cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _cmd_fetch(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.fetch import run_fetch
+
+    record = run_fetch(args.dataset, dest=args.dest, force=args.force, progress=not args.quiet)
+    print(f"fetch: {record['title']}\n  images in {record['unpacked']['data_root']} "
+          f"(set data.root to it in params.yaml)\n  licence {record['licence']}; cite: {record['citation']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``wbc``."""
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__.splitlines()[0])
@@ -87,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
         return p
+
+    p = command("fetch", _cmd_fetch, "download a public dataset (checksummed, resumable) into data/raw")
+    p.add_argument("dataset", choices=["pbc", "bloodmnist"])
+    p.add_argument("--dest", type=Path, default=Path("data/raw"))
+    p.add_argument("--force", action="store_true", help="download and unpack again even if present")
 
     p = command("sample", _cmd_sample, "generate the synthetic blood-smear sample")
     p.add_argument("--out", type=Path, default=Path("data/raw/synthetic"))

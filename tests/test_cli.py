@@ -11,6 +11,16 @@ def test_every_stage_has_a_sub_command():
         assert parser.parse_args([command]).command == command
 
 
+def test_fetch_lists_the_public_datasets():
+    from pipeline.fetch import DATASETS
+
+    parser = build_parser()
+    assert {a for a in DATASETS} == {"pbc", "bloodmnist"}
+    assert parser.parse_args(["fetch", "pbc"]).dataset == "pbc"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fetch", "imagenet"])
+
+
 def test_missing_params_file_is_a_clean_error(tmp_path, capsys):
     assert main(["--params", str(tmp_path / "none.yaml"), "ingest"]) == 2
     err = capsys.readouterr().err
