@@ -36,8 +36,9 @@ PER_CLASS_COLUMNS = ["precision", "recall", "specificity", "f1", "roc_auc", "ave
 
 def dataset_name(ingest: dict) -> str:
     """A short human name of the ingested dataset."""
-    name = Path(ingest.get("root", "unknown")).name or str(ingest.get("root"))
-    return f"{name} (synthetic sample)" if ingest.get("synthetic") else name
+    if ingest.get("synthetic"):
+        return "the synthetic sample"
+    return Path(ingest.get("root", "unknown")).name or str(ingest.get("root"))
 
 
 def per_class_table(metrics: dict) -> pd.DataFrame:

@@ -173,7 +173,7 @@ def _ci_text(entry: Mapping) -> str:
 
 
 def _display_title(title: str, synthetic: bool) -> str:
-    if synthetic and "SYNTHETIC" not in title.upper():
+    if synthetic and "SYNTHETIC DATA" not in title:
         return f"{title} — SYNTHETIC DATA"
     return title
 

@@ -85,7 +85,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(project):
 
     # A train param changed: only train and evaluate run again.
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["lr"] = 0.002
+    params["train"]["lr"] = params["train"]["lr"] * 1.5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _stages_run(_run(["dvc", "repro"], root, env)) == ["train", "evaluate"]
 
