@@ -173,7 +173,7 @@ def test_ddp_with_two_gloo_processes_logs_one_run(tiny_processed, tmp_path, isol
                str(tmp_path / "reports"), "--interim", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("epoch 1/2") == 1  # only rank 0 reports
+    assert done.stdout.count("train: best val macro-F1") == 1  # only rank 0 reports
     mlflow.set_tracking_uri(isolated_mlflow)
     runs = mlflow.search_runs(experiment_names=["ddp"])
     assert len(runs) == 1
