@@ -82,8 +82,11 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
         return logits, labels, rows.paths
 
     test_logits, y_test, test_paths = logits_of("test")
-    val_logits, y_val, _ = logits_of("val")
-    temperature = fit_temperature(val_logits, y_val)
+    if "temperature" in meta:  # fitted on val by the train stage and saved with the model
+        temperature = float(meta["temperature"])
+    else:  # a model saved without one
+        val_logits, y_val, _ = logits_of("val")
+        temperature = fit_temperature(val_logits, y_val)
     probs = softmax(test_logits)
     metrics = classification_metrics(y_test, probs, classes, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
     metrics["calibration"] = calibration_summary(y_test, test_logits, temperature)
@@ -128,11 +131,11 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
         metrics=metrics,
         figures=figures,
     )
-    _log_to_mlflow(run_info, flat, reports_dir, temperature)
+    _log_to_mlflow(run_info, flat, reports_dir)
     return flat
 
 
-def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path, temperature: float) -> None:
+def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path) -> None:
     """Add the evaluation to the training run (a new run when the model was trained elsewhere)."""
     if run_info.get("tracking_uri") and "MLFLOW_TRACKING_URI" not in os.environ:
         mlflow.set_tracking_uri(run_info["tracking_uri"])
@@ -140,7 +143,6 @@ def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path, te
         mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=run_info.get("run_id")):
         mlflow.log_metrics({f"test_{key}": value for key, value in flat.items()})
-        mlflow.log_metric("temperature", temperature)
         for name in ("metrics.json", "per_class.csv", "predictions.csv", "report.html", "report.md"):
             mlflow.log_artifact(str(reports_dir / name), artifact_path="evaluation")
         mlflow.log_artifacts(str(reports_dir / "figures"), artifact_path="evaluation/figures")

@@ -32,6 +32,7 @@ from pipeline.augment import load_policy
 from pipeline.config import Params
 from pipeline.data import EpochSampler, ProcessedImages, load_index, select_split
 from pipeline.inference import autocast, pick_device, predict_logits, save_model
+from pipeline.metrics import fit_temperature
 from pipeline.models import build_classifier, get_backbone, head_parameters
 
 CHECKPOINT_DIR = "checkpoints"
@@ -338,6 +339,10 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
     result = {"best_val_macro_f1": best_score, "best_epoch": best_epoch, "run_id": run_id}
     if ddp.is_main:
         model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+        # Temperature scaling, fitted once on the validation split and saved with the model, so
+        # evaluation, prediction and the exported/served model all use the same calibration.
+        val_logits, val_labels = predict_logits(model, val_loader, device)
+        temperature = fit_temperature(val_logits, val_labels)
         backbone = get_backbone(cfg.model)
         meta = {
             "model": cfg.model,
@@ -349,12 +354,13 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
             "pretrained": cfg.pretrained,
             "best_epoch": best_epoch,
             "best_val_macro_f1": best_score,
+            "temperature": temperature,
             "run_id": run_id,
         }
         save_model(model_dir / "model.pt", model, meta)
         reports_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(reports_dir / "train_history.csv", index=False)
-        mlflow.log_metrics({"best_val_macro_f1": best_score, "best_epoch": best_epoch})
+        mlflow.log_metrics({"best_val_macro_f1": best_score, "best_epoch": best_epoch, "temperature": temperature})
         mlflow.log_artifact(str(reports_dir / "train_history.csv"))
         if cfg.log_model:
             # pt2 (torch.export) format: loading it back unpickles nothing.

@@ -69,6 +69,17 @@ def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_pa
     assert run.data.metrics["best_val_macro_f1"] == pytest.approx(history["val_macro_f1"].max())
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"])}
     assert "train_history.csv" in artifacts
+    # the temperature saved with the model is the one fitted on the val split with the best weights
+    from pipeline.data import ProcessedImages, load_index, select_split
+    from pipeline.inference import load_model, predict_logits
+    from pipeline.metrics import fit_temperature
+
+    model, meta = load_model(out / "models" / "model.pt")
+    val = select_split(load_index(processed), "val", meta["classes"])
+    logits, labels = predict_logits(model, torch.utils.data.DataLoader(ProcessedImages(processed, val, 32)),
+                                    torch.device("cpu"))
+    assert meta["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert run.data.metrics["temperature"] == pytest.approx(meta["temperature"])
     logged = mlflow.pytorch.load_model(f"runs:/{result['run_id']}/model")
     assert logged(torch.zeros(3, 3, 32, 32, dtype=torch.uint8)).shape == (3, 8)
 
