@@ -137,6 +137,23 @@ def evaluate_split(model: nn.Module, loader: DataLoader, device: torch.device, n
     }
 
 
+def train_step(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float) -> torch.Tensor:
+    """One optimisation step on a batch of uint8 images (copied to ``device`` without blocking,
+    channels-last, bf16 autocast on CUDA); returns the batch loss as a detached tensor, left on
+    the device so the step never waits for the GPU."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    targets = targets.to(device, non_blocking=True)
+    with autocast(device):
+        loss = loss_fn(net(images).float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -272,29 +289,20 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
         sampler.set_epoch(epoch)
         total_loss, seen = 0.0, 0
         for images, targets in train_loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            images = images.contiguous(memory_format=torch.channels_last)
             try:
-                with autocast(device):
-                    loss = loss_fn(net(images).float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = train_step(net, images, targets, loss_fn, optimizer, device, cfg.grad_clip)
             except torch.cuda.OutOfMemoryError:
                 raise RuntimeError(
                     f"GPU out of memory at batch size {cfg.batch_size} with {cfg.model} at {cfg.image_size}px; "
                     f"try train.batch_size: {max(1, cfg.batch_size // 2)} (e.g. dvc exp run -S "
                     f"train.batch_size={max(1, cfg.batch_size // 2)})") from None
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(targets)
+            total_loss = total_loss + loss * len(targets)
             seen += len(targets)
         val = evaluate_split(model, val_loader, device, num_classes, val_loss_fn)
         record = {
             "epoch": epoch + 1,
-            "train_loss": total_loss / max(1, seen),
+            "train_loss": float(total_loss) / max(1, seen),
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_macro_f1": val["macro_f1"],
