@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from pipeline import tracking
 from pipeline.config import Params
 from pipeline.data import ProcessedImages, load_index, select_split
+from pipeline.explain import write_explanation_figures
 from pipeline.inference import load_model, pick_device, predict_logits
 from pipeline.metrics import (
     calibration_summary,
@@ -29,6 +30,7 @@ from pipeline.metrics import (
     softmax,
     write_figures,
 )
+from pipeline.normalize import IMAGES_FILE
 from pipeline.report import write_report
 
 PER_CLASS_COLUMNS = ["precision", "recall", "specificity", "f1", "roc_auc", "average_precision"]
@@ -72,20 +74,20 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     classes = list(meta["classes"])
     index = load_index(processed_dir)
 
-    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         rows = select_split(index, split, classes)
         if len(rows.rows) == 0:
             raise ValueError(f"{processed_dir}: the {split} split is empty; nothing to evaluate")
         loader = DataLoader(ProcessedImages(processed_dir, rows, meta["image_size"]), batch_size=cfg.batch_size,
                             num_workers=0)
         logits, labels = predict_logits(model, loader, device)
-        return logits, labels, rows.paths
+        return logits, labels, rows.paths, rows.rows
 
-    test_logits, y_test, test_paths = logits_of("test")
+    test_logits, y_test, test_paths, test_rows = logits_of("test")
     if "temperature" in meta:  # fitted on val by the train stage and saved with the model
         temperature = float(meta["temperature"])
     else:  # a model saved without one
-        val_logits, y_val, _ = logits_of("val")
+        val_logits, y_val, _, _ = logits_of("val")
         temperature = fit_temperature(val_logits, y_val)
     probs = softmax(test_logits)
     metrics = classification_metrics(y_test, probs, classes, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
@@ -97,6 +99,12 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     history = pd.read_csv(history_path) if history_path.is_file() else None
     figures = write_figures(reports_dir / "figures", y_test, probs, classes, history=history,
                             y_prob_calibrated=softmax(test_logits, temperature))
+    figures.update(write_explanation_figures(
+        reports_dir / "figures", model=model, model_name=meta["model"], image_size=meta["image_size"],
+        images=np.load(processed_dir / IMAGES_FILE, mmap_mode="r"), rows=test_rows, paths=test_paths,
+        y_true=y_test, y_prob=probs, classes=classes, n_worst=cfg.worst_errors,
+        gradcam_per_class=cfg.gradcam_per_class, seed=cfg.seed, device=device,
+    ))
     (reports_dir / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
     per_class_table(metrics).to_csv(reports_dir / "per_class.csv", index=False)
     predictions_table(test_paths, y_test, probs, classes).to_csv(reports_dir / "predictions.csv", index=False)
@@ -135,14 +143,18 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     return flat
 
 
-def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path) -> None:
-    """Add the evaluation to the training run (a new run when the model was trained elsewhere)."""
+def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path, *, metric_prefix: str = "test_",
+                   artifact_path: str = "evaluation",
+                   files: tuple[str, ...] = ("metrics.json", "per_class.csv", "predictions.csv", "report.html",
+                                             "report.md")) -> None:
+    """Add the evaluation to the training run (a new run when the model was trained elsewhere):
+    metrics as ``<metric_prefix><key>``, ``files`` and ``figures/`` under ``artifact_path``."""
     if run_info.get("tracking_uri") and "MLFLOW_TRACKING_URI" not in os.environ:
         mlflow.set_tracking_uri(run_info["tracking_uri"])
     else:
         mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=run_info.get("run_id")):
-        mlflow.log_metrics({f"test_{key}": value for key, value in flat.items()})
-        for name in ("metrics.json", "per_class.csv", "predictions.csv", "report.html", "report.md"):
-            mlflow.log_artifact(str(reports_dir / name), artifact_path="evaluation")
-        mlflow.log_artifacts(str(reports_dir / "figures"), artifact_path="evaluation/figures")
+        mlflow.log_metrics({f"{metric_prefix}{key}": value for key, value in flat.items()})
+        for name in files:
+            mlflow.log_artifact(str(reports_dir / name), artifact_path=artifact_path)
+        mlflow.log_artifacts(str(reports_dir / "figures"), artifact_path=f"{artifact_path}/figures")

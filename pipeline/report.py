@@ -18,7 +18,8 @@ import base64
 import html
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -72,11 +73,33 @@ FIGURE_CAPTIONS = {
     "training_curves": (
         "Training history: loss, validation accuracy and macro F1, and learning rate per epoch."
     ),
+    "worst_errors": (
+        "Worst errors: the misclassified images with the highest predicted probability for the wrong "
+        "class (softmax before temperature scaling), most confident first, with true and predicted class."
+    ),
+    "gradcam": (
+        "Grad-CAM: for a few images per true class, the image the network saw beside a heat map of the "
+        "regions that raise the score of the predicted class (red = most influence); the title gives the "
+        "predicted class and its probability, green if correct, red if wrong."
+    ),
 }
 # Figures that do not come from the evaluated split.
 FIGURE_SOURCES = {"training_curves": "train and validation splits"}
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _MISSING = "—"
+
+
+@dataclass(frozen=True)
+class Section:
+    """An extra report section after the per-class metrics: heading, a sentence or two, a table.
+
+    ``rows`` hold plain values (escaped when rendered); with no rows only the text is shown.
+    """
+
+    title: str
+    text: str
+    header: Sequence[str] = ()
+    rows: Sequence[Sequence[object]] = ()
 
 CSS = """
 :root { --ink:#1d2330; --muted:#5b6475; --line:#d9dee7; --soft:#f4f6fa; --accent:#1f5fae; --warn:#a4161a; }
@@ -178,11 +201,18 @@ def _display_title(title: str, synthetic: bool) -> str:
     return title
 
 
+def _split_phrase(split: object) -> str:
+    """``test`` → "test split"; ``all`` → "all images (train, val and test splits)"."""
+    if split == "all":
+        return "all images (train, val and test splits)"
+    return f"{split} split"
+
+
 def _source_line(provenance: Mapping, metrics: Mapping) -> str:
     """Plain-text statement of where the numbers come from (escaped by the caller)."""
     dataset = provenance.get("dataset", "unnamed dataset")
-    split = provenance.get("split", "unnamed split")
-    return f"{split} split of {dataset}, n = {metrics['n']:,} images"
+    split = _split_phrase(provenance.get("split", "unnamed"))
+    return f"{split} of {dataset}, n = {metrics['n']:,} images"
 
 
 def _ci_note(metrics: Mapping) -> str:
@@ -351,6 +381,17 @@ def _html_confusion(metrics: Mapping, source: str) -> str:
     )
 
 
+def _html_section(section: Section) -> str:
+    table = ""
+    if section.rows:
+        head = "".join(f"<th>{_esc(h)}</th>" for h in section.header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{_esc(_plain(v))}</td>" for v in row) + "</tr>" for row in section.rows
+        )
+        table = f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    return f'<h2>{_esc(section.title)}</h2><p class="source">{_esc(section.text)}</p>{table}'
+
+
 def _html_calibration(metrics: Mapping, source: str) -> str:
     calibration = metrics.get("calibration")
     if not isinstance(calibration, Mapping):
@@ -359,7 +400,8 @@ def _html_calibration(metrics: Mapping, source: str) -> str:
     return (
         "<h2>Calibration</h2>"
         f'<p class="source">Source: {_esc(source)}. The temperature is fitted on the validation split '
-        "and applied to this split; it rescales confidence without changing any prediction.</p>"
+        "of the training data (and saved with the model) and applied to these images; it rescales "
+        "confidence without changing any prediction.</p>"
         f"{_html_kv_table(rows)}"
     )
 
@@ -378,7 +420,7 @@ def _ordered_figures(figures: Mapping[str, Path]) -> list[tuple[str, Path]]:
 
 def _figure_caption(key: str, provenance: Mapping) -> str:
     caption = FIGURE_CAPTIONS.get(key, key.replace("_", " ").capitalize() + ".")
-    split = FIGURE_SOURCES.get(key, f"{provenance.get('split', 'unnamed')} split")
+    split = FIGURE_SOURCES.get(key, _split_phrase(provenance.get("split", "unnamed")))
     return f"{caption} Source: {split} of {provenance.get('dataset', 'unnamed dataset')}."
 
 
@@ -432,6 +474,8 @@ def _render_html(
     params: Mapping,
     metrics: Mapping,
     figures: Mapping[str, Path],
+    note: str = "",
+    extra: Sequence[Section] = (),
 ) -> str:
     source = _source_line(provenance, metrics)
     banner = (
@@ -441,9 +485,11 @@ def _render_html(
         else ""
     )
     created = provenance.get("created") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    note_html = f'<p class="note">{_esc(note)}</p>' if note else ""
     sections = [
         _html_headline(metrics, source),
         _html_per_class(metrics, source),
+        *(_html_section(section) for section in extra),
         _html_confusion(metrics, source),
         _html_calibration(metrics, source),
         _html_figures(figures, provenance),
@@ -458,7 +504,7 @@ def _render_html(
         f"<title>{_esc(title)}</title><style>{CSS}</style></head>"
         f"<body><main><h1>{_esc(title)}</h1>"
         f'<p class="source">All metrics: {_esc(source)} · report created {_esc(created)}</p>'
-        f"{banner}{''.join(sections)}"
+        f"{banner}{note_html}{''.join(sections)}"
         "<footer>Generated by the wbc pipeline evaluate stage.</footer></main></body></html>\n"
     )
 
@@ -498,6 +544,8 @@ def _render_md(
     metrics: Mapping,
     figures: Mapping[str, Path],
     out_md: Path,
+    note: str = "",
+    extra: Sequence[Section] = (),
 ) -> str:
     source = _source_line(provenance, metrics)
     lines = [f"# {_md_cell(title)}", ""]
@@ -506,7 +554,10 @@ def _render_md(
             "> **SYNTHETIC DATA**: generated images, not patient data; these numbers test the software only.",
             "",
         ]
-    lines += [f"All metrics: {_md_cell(source)}. {_ci_note(metrics)}", "", "## Headline metrics", ""]
+    lines += [f"All metrics: {_md_cell(source)}. {_ci_note(metrics)}", ""]
+    if note:
+        lines += [_md_cell(note), ""]
+    lines += ["## Headline metrics", ""]
     overall = metrics["overall"]
     lines += _md_table(
         ["Metric", "Value (95% CI)"],
@@ -522,6 +573,13 @@ def _render_md(
             for name, entry in metrics["per_class"].items()
         ),
     )
+    for section in extra:
+        lines += ["", f"## {_md_cell(section.title)}", "", _md_cell(section.text)]
+        if section.rows:
+            lines += [""] + _md_table(
+                [_md_cell(h) for h in section.header],
+                ([_md_cell(_plain(v)) for v in row] for row in section.rows),
+            )
     calibration = metrics.get("calibration")
     if isinstance(calibration, Mapping):
         lines += ["", "## Calibration", ""]
@@ -560,17 +618,20 @@ def write_report(
     params: dict,
     metrics: dict,
     figures: dict[str, Path],
+    note: str = "",
+    sections: Sequence[Section] = (),
 ) -> None:
     """Write the self-contained HTML report and its Markdown summary.
 
     ``figures`` maps a figure key (see :data:`FIGURE_CAPTIONS`; other keys get a generic
     caption) to a PNG or JPEG file, embedded in the HTML and linked from the Markdown.
     When ``synthetic`` is true, the title says so and a banner warns the reader.
+    ``note`` is a paragraph under the title; ``sections`` follow the per-class metrics.
     """
     out_html, out_md = Path(out_html), Path(out_md)
     title = _display_title(title, synthetic)
-    page = _render_html(title, synthetic, provenance, model, params, metrics, figures)
-    summary = _render_md(title, synthetic, provenance, model, params, metrics, figures, out_md)
+    page = _render_html(title, synthetic, provenance, model, params, metrics, figures, note, sections)
+    summary = _render_md(title, synthetic, provenance, model, params, metrics, figures, out_md, note, sections)
     for path, text in ((out_html, page), (out_md, summary)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -305,3 +305,23 @@ def test_figures_on_degenerate_data(tmp_path):
         figures = metrics.write_figures(tmp_path, y_true, y_prob, ["a", "b", "c"])
     for path in figures.values():
         _assert_png(path)
+
+
+def test_macro_f1_over_chosen_classes_matches_sklearn():
+    # class "c" is absent but predicted once: by default its F1 of 0 pulls the macro F1 down
+    y_true = np.array([0, 0, 1, 1, 1, 0])
+    y_prob = np.eye(3)[[0, 2, 1, 1, 0, 0]] * 0.7 + 0.1
+    default = metrics.classification_metrics(y_true, y_prob, ["a", "b", "c"], n_bootstrap=0)
+    chosen = metrics.classification_metrics(y_true, y_prob, ["a", "b", "c"], n_bootstrap=200, macro_classes=[0, 1])
+    y_pred = y_prob.argmax(axis=1)
+    assert default["overall"]["macro_f1"]["value"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro"))
+    assert chosen["overall"]["macro_f1"]["value"] == pytest.approx(
+        skm.f1_score(y_true, y_pred, labels=[0, 1], average="macro")
+    )
+    assert chosen["overall"]["macro_f1"]["value"] > default["overall"]["macro_f1"]["value"]
+    entry = chosen["overall"]["macro_f1"]
+    assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+    assert chosen["overall"]["accuracy"] == metrics.classification_metrics(
+        y_true, y_prob, ["a", "b", "c"], n_bootstrap=200)["overall"]["accuracy"]
+    with pytest.raises(ValueError, match="macro_classes"):
+        metrics.classification_metrics(y_true, y_prob, ["a", "b", "c"], macro_classes=[3])

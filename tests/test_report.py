@@ -179,3 +179,44 @@ def test_non_image_figure_is_refused(tmp_path):
             metrics=_metrics(CLASSES),
             figures={"confusion": bogus},
         )
+
+
+def test_note_sections_and_all_splits_are_rendered_and_escaped(tmp_path, figure):
+    from pipeline.report import Section
+
+    section = Section(
+        "Images of classes the model does not know",
+        "Left out of every metric.",
+        ["External label", "Images", "Predicted as (images)"],
+        [[EVIL_CLASS, 7, "basophil 5, lymphocyte 2"]],
+    )
+    write_report(
+        tmp_path / "r.html",
+        tmp_path / "r.md",
+        title="External validation",
+        synthetic=False,
+        provenance={"dataset": "external dataset lab-b", "split": "all"},
+        model={},
+        params={},
+        metrics=_metrics(CLASSES),
+        figures={"worst_errors": figure, "gradcam": figure},
+        note="Every number comes from lab-b.",
+        sections=[section, Section("Empty", "Nothing here.")],
+    )
+    page, summary = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    source = "all images (train, val and test splits) of external dataset lab-b"
+    assert f"All metrics: {source}, n = 40 images" in page and f"All metrics: {source}, n = 40 images" in summary
+    assert f"Source: {source}." in page  # figure captions
+    assert '<p class="note">Every number comes from lab-b.</p>' in page
+    assert "Every number comes from lab-b." in summary
+    assert "<h2>Images of classes the model does not know</h2>" in page and "basophil 5, lymphocyte 2" in page
+    assert "&lt;script&gt;" in page and EVIL_CLASS not in page
+    assert "## Images of classes the model does not know" in summary and "| 7 | basophil 5, lymphocyte 2 |" in summary
+    assert "<h2>Empty</h2>" in page and "## Empty" in summary
+    assert page.index("Per-class metrics") < page.index("Images of classes the model") < page.index("<h2>Errors")
+    for key in ("worst_errors", "gradcam"):
+        assert f'<figure id="fig-{key}">' in page
+    assert "Worst errors: the misclassified images" in page and "Grad-CAM: for a few images" in page
+    parser = _TagBalance()
+    parser.feed(page)
+    assert parser.errors == [] and parser.stack == []
