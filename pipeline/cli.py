@@ -69,11 +69,59 @@ def _cmd_train(args: argparse.Namespace, params: Params) -> None:
               f"(MLflow run {result['run_id']})")
 
 
+def _cmd_predict(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.predict import run_predict
+
+    json_out = None if args.json is None else Path(args.json) if args.json else args.out.with_suffix(".json")
+    summary = run_predict(params, args.inputs, args.model, args.out, json_out, progress=not args.quiet)
+    reasons = ", ".join(f"{reason}={n}" for reason, n in summary["rejected_by_reason"].items())
+    print(f"predict: {summary['rows']} rows, {summary['ok']} classified, {summary['rejected']} rejected"
+          + (f" ({reasons})" if reasons else "")
+          + f", {summary['uncertain']} uncertain (top probability < {summary['threshold']}); "
+          f"{summary['images_per_second']} images/s on {summary['device']}")
+    if not summary["calibrated"]:
+        print(f"  note: {args.model} has no fitted temperature; probabilities are not calibrated (retrain to fit one)")
+    print(f"  wrote {summary['csv']}" + (f" and {summary['json']}" if "json" in summary else ""))
+
+
+def _cmd_export(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.export import FORMATS, run_export
+
+    formats = FORMATS if args.format == "both" else (args.format,)
+    result = run_export(args.model, args.out, formats, parity_images=args.images or None)
+    for entry in result["exports"].values():
+        print(f"export: {args.out / entry['file']}: max abs diff vs PyTorch on {result['images']} images: "
+              f"logits {entry['max_abs_diff_logits']:.2e}, probabilities {entry['max_abs_diff_probabilities']:.2e} "
+              f"(tolerance {result['tolerance']:g})")
+    print(f"  classes, image size, temperature, normalize params and parity in {result['meta_file']}")
+
+
 def _cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
+    if args.dataset is not None:
+        from pipeline.external import parse_map, run_external_evaluate, safe_name
+
+        metrics = run_external_evaluate(params, args.models, args.dataset, args.reports, name=args.name,
+                                        split=args.split, label_map=parse_map(args.map))
+        name = safe_name(args.name or args.dataset.resolve().name)
+        print(json.dumps(metrics, indent=2))
+        print(f"external validation report: {args.reports / 'external' / name / 'report.html'}")
+        return
+    unused = [flag for flag, value in (("--name", args.name), ("--split", args.split != "all"), ("--map", args.map))
+              if value]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} only apply with --dataset DIR (external validation)")
     from pipeline.evaluate import run_evaluate
 
     metrics = run_evaluate(params, args.models, args.processed, args.interim, args.reports)
     print(json.dumps(metrics, indent=2))
+
+
+def _cmd_compare(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.compare import run_compare
+
+    table = run_compare(args.experiment or params.train.experiment, args.reports)
+    print(f"compare: {len(table)} runs of experiment {args.experiment or params.train.experiment!r} → "
+          f"{args.reports / 'compare.csv'}, compare.md, compare.png")
 
 
 def _cmd_fetch(args: argparse.Namespace, params: Params) -> None:
@@ -124,10 +172,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=Path, default=MODELS)
     p.add_argument("--reports", type=Path, default=REPORTS)
 
+    p = command("predict", _cmd_predict, "classify new images: files, folders (recursive) or manifest CSVs")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="PATH",
+                   help="image file, folder, or CSV with a 'path' column (paths relative to the CSV)")
+    p.add_argument("--model", type=Path, default=MODELS / "model.pt", help="trained model (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=REPORTS / "predictions_new.csv", help="CSV (default: %(default)s)")
+    p.add_argument("--json", nargs="?", const="", metavar="FILE",
+                   help="also write JSON (default file: the CSV's name with .json)")
+
+    p = command("export", _cmd_export, "export the trained model to ONNX and/or TorchScript, checked against PyTorch")
+    p.add_argument("--model", type=Path, default=MODELS / "model.pt", help="trained model (default: %(default)s)")
+    p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="both")
+    p.add_argument("--out", type=Path, default=MODELS / "export", help="output folder (default: %(default)s)")
+    p.add_argument("--images", nargs="+", type=Path, metavar="IMAGE",
+                   help="image files for the parity check (default: 8 random images)")
+
     p = command("evaluate", _cmd_evaluate, "evaluate the trained model on the test split and write the report")
     p.add_argument("--processed", type=Path, default=PROCESSED)
     p.add_argument("--interim", type=Path, default=INTERIM)
     p.add_argument("--models", type=Path, default=MODELS)
+    p.add_argument("--reports", type=Path, default=REPORTS)
+    p.add_argument("--dataset", type=Path, metavar="DIR",
+                   help="external validation on another ingested + normalized dataset (DIR/interim, DIR/processed); "
+                        "report in REPORTS/external/NAME/")
+    p.add_argument("--name", help="name of the external dataset in reports and MLflow (default: DIR's name)")
+    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+                   help="split of the external dataset to evaluate (default: %(default)s)")
+    p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",
+                   help="map an external label to a model class (repeatable); LABEL= marks it unknown to the model")
+
+    p = command("compare", _cmd_compare, "compare the runs of an MLflow experiment: table and bar plot in reports/")
+    p.add_argument("--experiment", help="MLflow experiment (default: train.experiment from params)")
     p.add_argument("--reports", type=Path, default=REPORTS)
     return parser
 

@@ -218,6 +218,14 @@ class TrainParams(_Section):
     compile: bool = False
     experiment: str = Field("wbc", min_length=1)
     log_model: bool = Field(True, description="log the trained network as an MLflow model")
+    registered_model: str | None = Field(
+        "wbc-classifier", description="MLflow registry name of the logged model; empty or null = do not register"
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return (value.strip() or None) if value is not None else None
 
     @model_validator(mode="after")
     def _freeze_within_epochs(self) -> TrainParams:
@@ -232,6 +240,23 @@ class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% intervals; 0 = none")
     seed: int = 0
+    worst_errors: int = Field(
+        12, ge=0, le=100, description="misclassified images in the worst-errors gallery, most confident first; 0 = none"
+    )
+    gradcam_per_class: int = Field(
+        2, ge=0, le=16, description="images per class with a Grad-CAM overlay; 0 = no Grad-CAM figure"
+    )
+
+
+class PredictParams(_Section):
+    """``wbc predict`` (and the served MLflow model) on new images."""
+
+    threshold: Probability = Field(
+        0.5, description="a top probability (calibrated) below this marks the prediction as uncertain"
+    )
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(2, ge=0, description="loader processes decoding images; 0 = decode in the main process")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class Params(_Section):
@@ -244,6 +269,7 @@ class Params(_Section):
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    predict: PredictParams = PredictParams()
 
 
 def _describe(error: dict) -> str:

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.imaging import resize_square, to_chw
 from pipeline.normalize import IMAGES_FILE, INDEX_FILE
 
 
@@ -48,14 +48,6 @@ def select_split(index: pd.DataFrame, split: str, classes: list[str]) -> Split:
     return Split(np.flatnonzero(mask), labels, index.loc[mask, "path"].tolist())
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a square uint8 image to ``size`` x ``size`` (area filter when shrinking)."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    interpolation = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_CUBIC
-    return cv2.resize(image, (size, size), interpolation=interpolation)
-
-
 class ProcessedImages(Dataset):
     """(uint8 CHW image tensor, label) pairs read from ``images.npy``.
 
@@ -84,7 +76,7 @@ class ProcessedImages(Dataset):
         if self.policy is not None:
             self.policy.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, item]).generate_state(1)[0]))
             image = self.policy(image=image)["image"]
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        tensor = torch.from_numpy(to_chw(image))
         return tensor, int(self.split.labels[item])
 
 

@@ -1,11 +1,16 @@
 """Image decoding and geometry shared by every stage that reads pixels.
 
-``read_rgb`` is the one way the project turns a file into pixels (normalize and predict
-both call it), and ``fit_square`` the one way it brings pixels to the model's square size.
+``decode_rgb`` (``read_rgb`` for files) is the one way the project turns image bytes into
+pixels, ``fit_square`` the one way it brings them to the normalized square size and
+``resize_square`` the one way that square reaches the network's input size. Normalize, the
+training data and ``wbc predict`` (and the served model) all call these; :func:`model_pixels`
+chains the last two for an image that has not been through the normalize stage.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -44,36 +49,44 @@ def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_rgb_pil(path: str | Path) -> np.ndarray:
-    """Decode any PIL-readable file to HxWx3 uint8 RGB, EXIF orientation applied."""
+def read_rgb_pil(path: str | Path | io.BytesIO, name: str | Path | None = None) -> np.ndarray:
+    """Decode any PIL-readable file (or in-memory file) to HxWx3 uint8 RGB, EXIF orientation applied."""
+    name = path if name is None else name
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             image.load()
             return _to_uint8_rgb(image)
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, "decompression-bomb", str(exc)) from None
+        raise ImageReadError(name, "decompression-bomb", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, "undecodable", str(exc)) from None
+        raise ImageReadError(name, "undecodable", str(exc)) from None
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode a file to HxWx3 uint8 RGB, EXIF orientation applied.
+def decode_rgb(data: bytes | np.ndarray, name: str | Path = "<bytes>") -> np.ndarray:
+    """Decode the bytes of an image file to HxWx3 uint8 RGB, EXIF orientation applied.
 
     JPEG and BMP (the formats of microscope exports) go through OpenCV's decoder, several
     times faster than PIL; anything else (alpha, palettes, 16-bit, TIFF) goes through PIL.
+    ``name`` only labels errors.
     """
+    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if buffer.size == 0:
+        raise ImageReadError(name, "empty-file")
+    if buffer[:2].tobytes() in (b"\xff\xd8", b"BM"):
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        if decoded is not None:
+            return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    return read_rgb_pil(io.BytesIO(buffer.tobytes()), name)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode a file to HxWx3 uint8 RGB, EXIF orientation applied (see :func:`decode_rgb`)."""
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(path, "unreadable", str(exc)) from None
-    if data.size == 0:
-        raise ImageReadError(path, "empty-file")
-    if data[:2].tobytes() in (b"\xff\xd8", b"BM"):
-        decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        if decoded is not None:
-            return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-    return read_rgb_pil(path)
+    return decode_rgb(data, path)
 
 
 def fit_square(image: np.ndarray, size: int, mode: str, pad_color: tuple[int, int, int]) -> np.ndarray:
@@ -95,3 +108,23 @@ def fit_square(image: np.ndarray, size: int, mode: str, pad_color: tuple[int, in
     return cv2.copyMakeBorder(
         image, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=pad_color
     )
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a square uint8 image to ``size`` x ``size`` (area filter when shrinking)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    interpolation = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_CUBIC
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def to_chw(image: np.ndarray) -> np.ndarray:
+    """HxWx3 to a contiguous 3xHxW array: the layout the model takes (values stay 0..255 uint8)."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def model_pixels(image: np.ndarray, normalize: Mapping, image_size: int) -> np.ndarray:
+    """A decoded RGB image as the network sees it: the normalize stage's square (``normalize``
+    holds its ``size``, ``mode`` and ``pad_color``), then the training resize to ``image_size``."""
+    square = fit_square(image, int(normalize["size"]), str(normalize["mode"]), tuple(normalize["pad_color"]))
+    return resize_square(square, image_size)

@@ -51,14 +51,20 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifi
 
 
 @torch.no_grad()
+def batch_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Float32 logits (on the CPU) of one batch of uint8 NCHW images; ``model`` must be in eval mode."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        out = model(images)
+    return out.float().cpu()
+
+
+@torch.no_grad()
 def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Logits (float32, N x C) and labels (N) over ``loader``, in loader order."""
     model.eval()
     logits, labels = [], []
     for images, targets in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            out = model(images)
-        logits.append(out.float().cpu())
+        logits.append(batch_logits(model, images, device))
         labels.append(targets)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()

@@ -132,7 +132,7 @@ def _label_problem(name: str, data: DataParams, what: str) -> Rejection | str:
     return label
 
 
-def _walk_files(top: Path) -> Iterator[Path]:
+def walk_files(top: Path) -> Iterator[Path]:
     """Every non-directory under ``top`` (symlinked folders followed once), in sorted order."""
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
@@ -157,7 +157,7 @@ def discover_folder(root: Path, data: DataParams) -> tuple[list[Candidate], list
     for entry in sorted(root.iterdir()):
         if entry.is_dir():
             label = _label_problem(entry.name, data, "folder")
-            for file in _walk_files(entry):
+            for file in walk_files(entry):
                 rel = _relative(file, root)
                 if isinstance(label, Rejection):
                     rejections.append(replace(label, path=rel))
@@ -267,7 +267,7 @@ def discover_table(
             group = f"{table_name}:{row[group_column]}" if group_column and row[group_column] else ""
             candidates.append(Candidate(rel, str(file), label, group))
     named = {c.path for c in candidates} | {r.path for r in rejections}
-    for file in _walk_files(image_dir) if image_dir.is_dir() else ():
+    for file in walk_files(image_dir) if image_dir.is_dir() else ():
         rel = _relative(file, root)
         if rel not in named and file != table_path and file.name != SAMPLE_FILE:
             rejections.append(
@@ -392,6 +392,11 @@ def inspect_file(file: str, params: IngestParams) -> Inspection:
             data = handle.read()
     except OSError as exc:
         return Inspection(reason="unreadable", detail=exc.strerror or str(exc))
+    return inspect_bytes(data, params)
+
+
+def inspect_bytes(data: bytes, params: IngestParams) -> Inspection:
+    """Checksum and fully decode the bytes of one image file; say why it is unusable, if it is."""
     if not data:
         return Inspection(reason="empty-file", detail="the file has 0 bytes")
     found = Inspection(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))

@@ -34,6 +34,7 @@ from pipeline.data import EpochSampler, ProcessedImages, load_index, select_spli
 from pipeline.inference import autocast, pick_device, predict_logits, save_model
 from pipeline.metrics import fit_temperature
 from pipeline.models import build_classifier, get_backbone, head_parameters
+from pipeline.normalize import IMAGES_FILE
 
 CHECKPOINT_DIR = "checkpoints"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
@@ -370,20 +371,23 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(reports_dir / "train_history.csv", index=False)
         mlflow.log_metrics({"best_val_macro_f1": best_score, "best_epoch": best_epoch, "temperature": temperature})
         mlflow.log_artifact(str(reports_dir / "train_history.csv"))
-        if cfg.log_model:
-            # pt2 (torch.export) format: loading it back unpickles nothing.
-            example = np.zeros((2, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
-            mlflow.pytorch.log_model(
-                model.cpu().eval(),
-                name="model",
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
-            )
-        (model_dir / "run.json").write_text(json.dumps({
+        run_record = {
             "run_id": run_id,
             "experiment_id": run.info.experiment_id,
             "tracking_uri": mlflow.get_tracking_uri(),
-        }, indent=2) + "\n", encoding="utf-8")
+        }
+        if cfg.log_model:
+            # A pyfunc model that carries its preprocessing, classes and temperature (see
+            # pipeline/serving.py); logged from code with weights-only loading: nothing is pickled.
+            from pipeline.serving import log_pyfunc_model
+
+            example = np.load(processed_dir / IMAGES_FILE, mmap_mode="r")[val_split.rows[0]]
+            info = log_pyfunc_model(model_dir / "model.pt", params, classes, example, cfg.registered_model)
+            run_record["model_uri"] = info.model_uri
+            if cfg.registered_model:
+                run_record["registered_model"] = cfg.registered_model
+                run_record["registered_model_version"] = str(info.registered_model_version)
+        (model_dir / "run.json").write_text(json.dumps(run_record, indent=2) + "\n", encoding="utf-8")
         mlflow.end_run()
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if ddp.world_size > 1:

@@ -69,3 +69,12 @@ def test_load_params_reports_missing_and_broken_files(tmp_path):
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
+
+
+def test_predict_section_and_registry_name():
+    params = load_params(REPO / "params.yaml")
+    assert params.predict == Params().predict and params.predict.threshold == 0.5
+    assert params.train.registered_model == "wbc-classifier"
+    assert parse_params({"train": {"registered_model": ""}}).train.registered_model is None
+    with pytest.raises(ParamsError, match=r"predict\.threshold"):
+        parse_params({"predict": {"threshold": 1.5}})

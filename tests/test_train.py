@@ -54,7 +54,7 @@ def _train(tmp_path, processed, policy, **train_overrides):
 
 def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_path):
     _, processed, policy = tiny_processed
-    result, history, out = _train(tmp_path, processed, policy, log_model=True)
+    result, history, out = _train(tmp_path, processed, policy, log_model=True, registered_model="")
     assert (out / "models" / "model.pt").is_file()
     assert not (out / "models" / "checkpoints").exists()  # removed once the run completed
     assert history["epoch"].tolist() == [1, 2, 3]
@@ -80,8 +80,16 @@ def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_pa
                                     torch.device("cpu"))
     assert meta["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     assert run.data.metrics["temperature"] == pytest.approx(meta["temperature"])
-    logged = mlflow.pytorch.load_model(f"runs:/{result['run_id']}/model")
-    assert logged(torch.zeros(3, 3, 32, 32, dtype=torch.uint8)).shape == (3, 8)
+    # the logged pyfunc model (not registered: registered_model is empty) predicts from image bytes
+    assert "registered_model" not in run_info
+    logged = mlflow.pyfunc.load_model(run_info["model_uri"])
+    example = logged.input_example
+    assert list(example.columns) == ["image"]
+    answer = logged.predict(pd.concat([example, pd.DataFrame({"path": [str(tmp_path / "missing.png")]})]))
+    assert answer["status"].tolist() == ["ok", "missing-file"]
+    probs = answer.loc[0, [f"p_{name}" for name in meta["classes"]]].to_numpy(dtype=float)
+    assert probs.sum() == pytest.approx(1.0) and answer.loc[0, "predicted"] == meta["classes"][probs.argmax()]
+    assert answer.loc[1, "p_basophil"] is None
 
 
 def test_same_seed_same_history_on_cpu(tiny_processed, tmp_path):
