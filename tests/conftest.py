@@ -79,3 +79,24 @@ def tiny_processed(tmp_path) -> tuple[Path, Path, Path]:
     policy = tmp_path / "policy.json"
     save_policy(build_policy(params.augment), policy)
     return raw, processed, policy
+
+
+def save_tiny_model(path: Path, temperature: float, seed: int = 0, head_std: float | None = None) -> Path:
+    """An untrained baseline-cnn at 32 px saved the way the train stage saves one (normalize
+    params of :func:`tiny_params`, 40 px pad); ``head_std`` widens the logits' spread so the
+    probabilities are not all ~1/8."""
+    import torch
+
+    from pipeline.inference import save_model
+    from pipeline.models import build_classifier
+
+    torch.manual_seed(seed)
+    params = tiny_params()
+    model = build_classifier("baseline-cnn", 8, 32)
+    if head_std is not None:
+        with torch.no_grad():
+            model.net.fc.weight.normal_(std=head_std)
+    meta = {"model": "baseline-cnn", "classes": list(params.data.classes), "image_size": 32,
+            "normalize": params.normalize.model_dump(mode="json"), "temperature": temperature}
+    save_model(path, model, meta)
+    return path

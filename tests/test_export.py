@@ -9,13 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_params
+from conftest import save_tiny_model, tiny_params
 
 from pipeline.cli import main
 from pipeline.config import IngestParams, PredictParams
 from pipeline.export import META_FILE, ONNX_FILE, TOLERANCE, TORCHSCRIPT_FILE, run_export
-from pipeline.inference import save_model
-from pipeline.models import build_classifier
 from pipeline.predict import ImageInput, Predictor
 
 TEMPERATURE = 1.4
@@ -23,16 +21,7 @@ TEMPERATURE = 1.4
 
 @pytest.fixture()
 def tiny_model(tmp_path):
-    torch.manual_seed(1)
-    params = tiny_params()
-    model = build_classifier("baseline-cnn", 8, 32)
-    with torch.no_grad():  # logits of a realistic spread, so that the probabilities are not all ~1/8
-        model.net.fc.weight.normal_(std=0.3)
-    meta = {"model": "baseline-cnn", "classes": list(params.data.classes), "image_size": 32, "mean": [0.485] * 3,
-            "std": [0.229] * 3, "normalize": params.normalize.model_dump(mode="json"), "temperature": TEMPERATURE}
-    path = tmp_path / "model.pt"
-    save_model(path, model, meta)
-    return path
+    return save_tiny_model(tmp_path / "model.pt", TEMPERATURE, seed=1, head_std=0.3)
 
 
 @pytest.mark.filterwarnings(r"ignore:.*torch\.jit\.load.* is deprecated:DeprecationWarning")

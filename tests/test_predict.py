@@ -11,15 +11,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import tiny_params
+from conftest import save_tiny_model, tiny_params
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import IngestParams, PredictParams
 from pipeline.data import ProcessedImages, load_index, select_split
-from pipeline.inference import load_model, predict_logits, save_model
+from pipeline.inference import load_model, predict_logits
 from pipeline.metrics import softmax
-from pipeline.models import build_classifier
 from pipeline.predict import ImageInput, Predictor, collect_inputs
 from pipeline.serving import inputs_from_frame
 
@@ -29,14 +28,7 @@ TEMPERATURE = 1.7
 @pytest.fixture()
 def tiny_model(tmp_path):
     """An untrained baseline-cnn at 32 px saved like the train stage saves it (normalize: 40 px pad)."""
-    torch.manual_seed(0)
-    params = tiny_params()
-    model = build_classifier("baseline-cnn", 8, 32)
-    meta = {"model": "baseline-cnn", "classes": list(params.data.classes), "image_size": 32,
-            "normalize": params.normalize.model_dump(mode="json"), "temperature": TEMPERATURE}
-    path = tmp_path / "model.pt"
-    save_model(path, model, meta)
-    return path
+    return save_tiny_model(tmp_path / "model.pt", TEMPERATURE)
 
 
 def _predictor(model_path, **settings) -> Predictor:
