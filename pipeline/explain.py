@@ -178,9 +178,25 @@ def per_class_choice(y_true: np.ndarray, n_classes: int, per_class: int, seed: i
     return chosen
 
 
+def feature_map_size(model: torch.nn.Module, layer: str, image_size: int) -> tuple[int, int]:
+    """Height and width of ``layer``'s output for an ``image_size`` input: the resolution of the
+    Grad-CAM map before it is upsampled to the image."""
+    shapes: list[tuple[int, int]] = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(
+        lambda module, args, output: shapes.append(tuple(output.shape[-2:])))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return shapes[-1]
+
+
 def plot_gradcam_grid(rows: Sequence[tuple[str, Sequence[tuple[Shown, np.ndarray]]]], path: Path,
-                      *, model_name: str, layer: str) -> Path:
-    """One row per true class: each image beside its Grad-CAM overlay for the predicted class."""
+                      *, model_name: str, layer: str, map_size: tuple[int, int] | None = None) -> Path:
+    """One row per true class: each image beside its Grad-CAM overlay for the predicted class.
+    ``map_size``, the feature map's resolution, is stated in the title: a map of a few cells
+    only says which part of the image mattered, not which structure."""
     if not rows:
         raise ValueError("no images to show in the Grad-CAM figure")
     per_row = max(len(items) for _, items in rows)
@@ -202,7 +218,9 @@ def plot_gradcam_grid(rows: Sequence[tuple[str, Sequence[tuple[Shown, np.ndarray
                 ax.set_xticks([])
                 ax.set_yticks([])
         axes[r, 0].set_ylabel(name, fontsize=9)
-    fig.suptitle(f"Grad-CAM of the predicted class; rows: true class\n{model_name}, layer {layer}", fontsize=10)
+    resolution = f", {map_size[0]}x{map_size[1]} map upsampled" if map_size else ""
+    fig.suptitle(f"Grad-CAM of the predicted class; rows: true class\n{model_name}, layer {layer}{resolution}",
+                 fontsize=10)
     return _save(fig, path)
 
 
@@ -271,8 +289,9 @@ def write_explanation_figures(
                 items.append((Shown(image, classes[y_true[i]], classes[predicted[i]],
                                     float(y_prob[i, predicted[i]]), paths[i]), cam))
             grid_rows.append((classes[c], items))
-        figures["gradcam"] = plot_gradcam_grid(grid_rows, grid, model_name=model_name,
-                                               layer=cam_target_layer(model_name))
+        layer = cam_target_layer(model_name)
+        figures["gradcam"] = plot_gradcam_grid(grid_rows, grid, model_name=model_name, layer=layer,
+                                               map_size=feature_map_size(model, layer, image_size))
     else:
         grid.unlink(missing_ok=True)
     return figures

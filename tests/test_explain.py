@@ -83,6 +83,14 @@ def test_gradcam_runs_on_every_backbone(name):
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize(("name", "size", "side"), [("baseline-cnn", 32, 4), ("resnet18", 64, 2),
+                                                    ("efficientnet-b0", 96, 3)])
+def test_feature_map_size_is_the_cam_resolution(name, size, side):
+    model = build_classifier(name, 3, size).eval()
+    assert explain.feature_map_size(model, cam_target_layer(name), size) == (side, side)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
 def test_gradcam_matches_a_hand_computed_map():
     torch.manual_seed(0)
     model = build_classifier("baseline-cnn", 4, 32).eval()
