@@ -16,7 +16,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.metrics import _new_figure, _save
+from pipeline.metrics import new_figure, save_figure
 
 # (column in the table, MLflow column, heading in Markdown)
 COLUMNS = (
@@ -114,7 +114,7 @@ def _run_label(row: pd.Series) -> str:
 def plot_compare(table: pd.DataFrame, path: Path, experiment: str) -> Path:
     """Grouped horizontal bars of the :data:`PLOTTED` test metrics, one group per evaluated run."""
     evaluated = table.dropna(subset=[column for column, _ in PLOTTED], how="all")
-    fig = _new_figure(9.0, max(2.6, 0.75 * len(evaluated) + 1.6))
+    fig = new_figure(9.0, max(2.6, 0.75 * len(evaluated) + 1.6))
     ax = fig.add_subplot()
     if evaluated.empty:
         ax.text(0.5, 0.5, "No run of this experiment has test metrics yet (run `wbc evaluate`)",
@@ -138,7 +138,7 @@ def plot_compare(table: pd.DataFrame, path: Path, experiment: str) -> Path:
     skipped = len(table) - len(evaluated)
     ax.set_title(f"Test metrics per run, MLflow experiment {experiment}"
                  + (f"\n({skipped} run(s) without test metrics not shown)" if skipped else ""), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_compare(experiment: str, reports_dir: Path, uri: str | None = None) -> pd.DataFrame:

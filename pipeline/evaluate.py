@@ -139,11 +139,11 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
         metrics=metrics,
         figures=figures,
     )
-    _log_to_mlflow(run_info, flat, reports_dir)
+    log_evaluation(run_info, flat, reports_dir)
     return flat
 
 
-def _log_to_mlflow(run_info: dict, flat: dict[str, float], reports_dir: Path, *, metric_prefix: str = "test_",
+def log_evaluation(run_info: dict, flat: dict[str, float], reports_dir: Path, *, metric_prefix: str = "test_",
                    artifact_path: str = "evaluation",
                    files: tuple[str, ...] = ("metrics.json", "per_class.csv", "predictions.csv", "report.html",
                                              "report.md")) -> None:

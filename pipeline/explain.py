@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from monai.visualize import GradCAM
 
 from pipeline.data import resize_square
-from pipeline.metrics import _new_figure, _save
+from pipeline.metrics import new_figure, save_figure
 from pipeline.models import cam_target_layer
 
 WORST_ERRORS_FILE = "worst_errors.png"
@@ -80,16 +80,16 @@ def plot_error_gallery(items: Sequence[Shown], path: Path, *, n_errors: int, n_i
     no errors the figure says so instead of showing an empty grid.
     """
     if not items:
-        fig = _new_figure(7.5, 2.2)
+        fig = new_figure(7.5, 2.2)
         ax = fig.add_subplot()
         text = ("No misclassified images" if n_errors == 0 else f"{n_errors} misclassified images (none shown)")
         ax.text(0.5, 0.5, f"{text} among {n_images:,} evaluated", ha="center", va="center", fontsize=12)
         ax.set_axis_off()
         ax.set_title("Worst errors")
-        return _save(fig, path)
+        return save_figure(fig, path)
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
-    fig = _new_figure(2.3 * columns, 2.75 * rows + 0.4)
+    fig = new_figure(2.3 * columns, 2.75 * rows + 0.4)
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
     for ax, item in zip(axes, items, strict=False):
         ax.imshow(item.image, interpolation="lanczos")
@@ -103,7 +103,7 @@ def plot_error_gallery(items: Sequence[Shown], path: Path, *, n_errors: int, n_i
         ax.set_axis_off()
     fig.suptitle(f"Worst errors: {len(items)} most confident of {n_errors:,} misclassified "
                  f"(of {n_images:,} images)", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def plot_gradcam_grid(rows: Sequence[tuple[str, Sequence[tuple[Shown, np.ndarray
     if not rows:
         raise ValueError("no images to show in the Grad-CAM figure")
     per_row = max(len(items) for _, items in rows)
-    fig = _new_figure(max(5.0, 3.3 * per_row), 1.75 * len(rows) + 0.8)
+    fig = new_figure(max(5.0, 3.3 * per_row), 1.75 * len(rows) + 0.8)
     axes = fig.subplots(len(rows), 2 * per_row, squeeze=False)
     for r, (name, items) in enumerate(rows):
         for j in range(per_row):
@@ -221,7 +221,7 @@ def plot_gradcam_grid(rows: Sequence[tuple[str, Sequence[tuple[Shown, np.ndarray
     resolution = f", {map_size[0]}x{map_size[1]} map upsampled" if map_size else ""
     fig.suptitle(f"Grad-CAM of the predicted class; rows: true class\n{model_name}, layer {layer}{resolution}",
                  fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------

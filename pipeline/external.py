@@ -32,22 +32,22 @@ from torch.utils.data import DataLoader
 from pipeline import tracking
 from pipeline.config import DataParams, Params
 from pipeline.data import ProcessedImages, Split, load_index
-from pipeline.evaluate import _log_to_mlflow, per_class_table
+from pipeline.evaluate import log_evaluation, per_class_table
 from pipeline.explain import write_explanation_figures
 from pipeline.inference import load_model, pick_device, predict_logits
 from pipeline.ingest import resolve_label
 from pipeline.metrics import (
-    _class_colors,
-    _new_figure,
-    _save,
     calibration_summary,
+    class_colors,
     classification_metrics,
     flat_metrics,
+    new_figure,
+    save_figure,
     softmax,
     write_figures,
 )
 from pipeline.normalize import IMAGES_FILE, INDEX_FILE
-from pipeline.report import Section, _split_phrase, write_report
+from pipeline.report import Section, split_phrase, write_report
 
 SPLITS = ("all", "train", "val", "test")
 UNKNOWN = "(unknown to the model)"
@@ -156,10 +156,10 @@ def unknown_summary(labels: Sequence[str], predicted: Sequence[str], confidence:
 def plot_unknown_predictions(table: pd.DataFrame, classes: Sequence[str], path: Path) -> Path:
     """Stacked horizontal bars: for each unknown label, how its images were classified."""
     labels = list(dict.fromkeys(table["label"]))
-    fig = _new_figure(8.0, max(2.4, 0.55 * len(labels) + 1.6))
+    fig = new_figure(8.0, max(2.4, 0.55 * len(labels) + 1.6))
     ax = fig.add_subplot()
     left = np.zeros(len(labels))
-    for cls, color in zip(classes, _class_colors(len(classes)), strict=True):
+    for cls, color in zip(classes, class_colors(len(classes)), strict=True):
         counts = np.array([table[(table["label"] == lab) & (table["predicted"] == cls)]["images"].sum()
                            for lab in labels], dtype=float)
         if counts.any():
@@ -170,7 +170,7 @@ def plot_unknown_predictions(table: pd.DataFrame, classes: Sequence[str], path: 
     ax.set_title("Classes the model does not know: what it predicted")
     ax.legend(title="predicted", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_external_evaluate(
@@ -266,7 +266,7 @@ def run_external_evaluate(
     run_path = Path(model_dir) / "run.json"
     run_info = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else {}
     dataset = f"external dataset {name}"
-    where = _split_phrase(split)
+    where = split_phrase(split)
     the_where = where if split == "all" else f"the {where}"
     known_names = [classes[c] for c in present]
     unknown_labels = sorted({lab for lab, t in mapping.items() if t is None and lab in set(labels)})
@@ -338,6 +338,6 @@ def run_external_evaluate(
         note=note,
         sections=sections,
     )
-    _log_to_mlflow(run_info, flat, out, metric_prefix=f"ext_{name}_", artifact_path=f"external/{name}",
+    log_evaluation(run_info, flat, out, metric_prefix=f"ext_{name}_", artifact_path=f"external/{name}",
                    files=REPORT_FILES)
     return flat

@@ -451,20 +451,20 @@ def calibration_summary(
 # ---------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     return path
 
 
-def _class_colors(k: int) -> list:
+def class_colors(k: int) -> list:
     cmap = colormaps["tab10" if k <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(k)]
 
@@ -482,7 +482,7 @@ def plot_confusion_matrix(
     k = len(classes)
     values = _safe_divide(counts, counts.sum(axis=1, keepdims=True)) if normalize else counts
     size = max(4.5, 0.6 * k + 2.5)
-    fig = _new_figure(size + 1.0, size)
+    fig = new_figure(size + 1.0, size)
     ax = fig.add_subplot()
     shown = np.nan_to_num(values)
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(1.0, shown.max()))
@@ -509,7 +509,7 @@ def plot_confusion_matrix(
     ax.set_ylabel("True class")
     default = "Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"
     ax.set_title(title or default)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _one_vs_rest_plot(
@@ -524,9 +524,9 @@ def _one_vs_rest_plot(
     y_true, y_prob = _check_inputs(y_true, y_prob, len(classes))
     # ROC points are joined by straight lines; a PR curve is a step function (as sklearn draws it).
     drawstyle = "default" if diagonal else "steps-post"
-    fig = _new_figure(7.5, 5.5)
+    fig = new_figure(7.5, 5.5)
     ax = fig.add_subplot()
-    for c, (name, color) in enumerate(zip(classes, _class_colors(len(classes)), strict=True)):
+    for c, (name, color) in enumerate(zip(classes, class_colors(len(classes)), strict=True)):
         positive = y_true == c
         if not positive.any() or (diagonal and positive.all()):
             continue
@@ -541,7 +541,7 @@ def _one_vs_rest_plot(
         ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "No class has both positive and negative images", ha="center", va="center")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
@@ -588,7 +588,7 @@ def plot_reliability(
     series = [("uncalibrated", y_prob, "#1f77b4")]
     if y_prob_calibrated is not None:
         series.append(("temperature-scaled", _check_inputs(y_true, y_prob_calibrated)[1], "#d62728"))
-    fig = _new_figure(6.5, 6.5)
+    fig = new_figure(6.5, 6.5)
     ax, hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     edges = np.linspace(0, 1, n_bins + 1)
     centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
@@ -616,7 +616,7 @@ def plot_reliability(
     ax.legend(loc="upper left", fontsize=8)
     hist.set(xlabel="Confidence (max predicted probability)", ylabel="Images")
     hist.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
@@ -626,7 +626,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
     if missing:
         raise ValueError(f"training history lacks columns {sorted(missing)}")
     epoch = history["epoch"].to_numpy()
-    fig = _new_figure(12, 3.8)
+    fig = new_figure(12, 3.8)
     loss_ax, score_ax, lr_ax = fig.subplots(1, 3)
     marker = "o" if len(epoch) <= 30 else None
     loss_ax.plot(epoch, history["train_loss"], marker=marker, label="train")
@@ -648,7 +648,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
     loss_ax.legend(fontsize=8)
     score_ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def most_confused_pairs(
@@ -673,7 +673,7 @@ def plot_confused_pairs(
     pairs = most_confused_pairs(cm, classes, top)
     support = np.asarray(cm).sum(axis=1)
     index = {name: i for i, name in enumerate(classes)}
-    fig = _new_figure(7.5, max(2.5, 0.42 * len(pairs) + 1.4))
+    fig = new_figure(7.5, max(2.5, 0.42 * len(pairs) + 1.4))
     ax = fig.add_subplot()
     if not pairs:
         ax.text(0.5, 0.5, "No misclassifications", ha="center", va="center", fontsize=12)
@@ -693,7 +693,7 @@ def plot_confused_pairs(
         ax.set_xlabel("Misclassified images")
         ax.grid(axis="x", alpha=0.3)
     ax.set_title("Most confused class pairs (true → predicted)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_figures(

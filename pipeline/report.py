@@ -201,7 +201,7 @@ def _display_title(title: str, synthetic: bool) -> str:
     return title
 
 
-def _split_phrase(split: object) -> str:
+def split_phrase(split: object) -> str:
     """``test`` → "test split"; ``all`` → "all images (train, val and test splits)"."""
     if split == "all":
         return "all images (train, val and test splits)"
@@ -211,7 +211,7 @@ def _split_phrase(split: object) -> str:
 def _source_line(provenance: Mapping, metrics: Mapping) -> str:
     """Plain-text statement of where the numbers come from (escaped by the caller)."""
     dataset = provenance.get("dataset", "unnamed dataset")
-    split = _split_phrase(provenance.get("split", "unnamed"))
+    split = split_phrase(provenance.get("split", "unnamed"))
     return f"{split} of {dataset}, n = {metrics['n']:,} images"
 
 
@@ -420,7 +420,7 @@ def _ordered_figures(figures: Mapping[str, Path]) -> list[tuple[str, Path]]:
 
 def _figure_caption(key: str, provenance: Mapping) -> str:
     caption = FIGURE_CAPTIONS.get(key, key.replace("_", " ").capitalize() + ".")
-    split = FIGURE_SOURCES.get(key, _split_phrase(provenance.get("split", "unnamed")))
+    split = FIGURE_SOURCES.get(key, split_phrase(provenance.get("split", "unnamed")))
     return f"{caption} Source: {split} of {provenance.get('dataset', 'unnamed dataset')}."
 
 
