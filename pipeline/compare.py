@@ -35,6 +35,7 @@ COLUMNS = (
     ("test_accuracy", "metrics.test_accuracy", "Test accuracy"),
     ("test_ece", "metrics.test_ece", "Test ECE"),
     ("test_ece_calibrated", "metrics.test_calibration/ece_calibrated", "Test ECE, temperature-scaled"),
+    ("dvc_experiment", "tags.dvc.exp_name", "DVC experiment"),
     ("git_commit", "tags.git.commit", "Git commit"),
 )
 # Plotted per run: (table column, label); ECE is lower-better, the others higher-better.
@@ -70,6 +71,8 @@ def load_runs(experiment: str, uri: str | None = None) -> pd.DataFrame:
     if runs.empty:
         raise ValueError(f"MLflow experiment {experiment!r} in {uri} has no runs")
     table = pd.DataFrame({name: runs.get(source, np.nan) for name, source, _ in COLUMNS})
+    for column in ("image_size", "epochs", "test_n"):  # counts, whatever MLflow stored them as
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
     table["start_time"] = pd.to_datetime(table["start_time"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
     for column in runs.columns:
         if column.startswith("metrics.ext_") and column.endswith(EXTERNAL_METRICS):
@@ -79,7 +82,7 @@ def load_runs(experiment: str, uri: str | None = None) -> pd.DataFrame:
 
 
 def _cell(value: object) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, float):
         return f"{value:.4f}"

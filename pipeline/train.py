@@ -64,6 +64,14 @@ def setup_distributed() -> Distributed:
     return Distributed(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size)
 
 
+def run_name(model_name: str, pretrained: bool) -> str:
+    """MLflow run name: model and pretrained/scratch, led by the DVC experiment's name under
+    ``dvc exp run`` (DVC sets ``DVC_EXP_NAME``), so runs and experiments are easy to match."""
+    name = f"{model_name}-{'pt' if pretrained else 'scratch'}"
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"{experiment}: {name}" if experiment else name
+
+
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights (mean 1 over present classes); absent classes get 0."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
@@ -259,7 +267,7 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
     if ddp.is_main:
         experiment_id = tracking.setup_experiment(cfg.experiment)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                               run_name=None if run_id else f"{cfg.model}-{'pt' if pretrained else 'scratch'}")
+                               run_name=None if run_id else run_name(cfg.model, pretrained))
         if run_id is None:
             summary = json.loads(ingest_summary.read_text()) if ingest_summary and ingest_summary.is_file() else {}
             mlflow.log_params(tracking.flatten(params.model_dump(mode="json")))
@@ -273,6 +281,7 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
                 "data.synthetic": str(summary.get("synthetic", "unknown")).lower(),
                 "model": cfg.model,
                 "pretrained": cfg.pretrained,
+                **({"dvc.exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
             })
             for name in ("ingest.md", "augment_preview.png"):
                 if (reports_dir / name).is_file():

@@ -16,7 +16,7 @@ RUNS = [
     ("small-cnn", "baseline-cnn", "none", 64, {"test_macro_f1": 0.61, "test_balanced_accuracy": 0.63,
                                                "test_ece": 0.12, "test_accuracy": 0.64}),
     ("lite0-96", "efficientnet-lite0", "imagenet", 96, {"test_macro_f1": 0.87, "test_balanced_accuracy": 0.88,
-                                                        "test_ece": 0.04, "test_accuracy": 0.89,
+                                                        "test_ece": 0.04, "test_accuracy": 0.89, "test_n": 182,
                                                         "ext_wbcseg_macro_f1": 0.71}),
     ("r18-unevaluated", "resnet18", "imagenet", 128, None),
 ]
@@ -34,6 +34,7 @@ def experiment(request, isolated_mlflow) -> str:
             mlflow.log_metric("best_val_macro_f1", 0.5)
             if metrics:
                 mlflow.log_metrics(metrics)
+                mlflow.set_tag("dvc.exp_name", f"exp-{run_name}")
     return name
 
 
@@ -54,6 +55,7 @@ def test_compare_writes_table_markdown_and_plot(experiment, tmp_path):
     assert "| Run | Status | Started (UTC) | Model | Pretrained | Image size |" in summary
     lite = next(line for line in summary.splitlines() if line.startswith("| lite0-96 |"))
     assert "| efficientnet-lite0 | imagenet | 96 |" in lite and "| 0.8700 |" in lite and "| 0.7100 |" in lite
+    assert "| 182 |" in lite and "| exp-lite0-96 |" in lite  # counts as integers; the DVC experiment named
     unevaluated = next(line for line in summary.splitlines() if line.startswith("| r18-unevaluated |"))
     assert "—" in unevaluated
 

@@ -39,6 +39,13 @@ def test_parameter_groups_split_head_backbone_and_decay():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_run_name_leads_with_the_dvc_experiment(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert train_module.run_name("resnet18", True) == "resnet18-pt"
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep-1")
+    assert train_module.run_name("baseline-cnn", False) == "lr-sweep-1: baseline-cnn-scratch"
+
+
 def test_class_weights_are_inverse_frequency():
     weights = class_weights(torch.tensor([0, 0, 0, 1]).numpy(), 3)
     assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
