@@ -89,7 +89,7 @@ def plot_error_gallery(items: Sequence[Shown], path: Path, *, n_errors: int, n_i
         return save_figure(fig, path)
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
-    fig = new_figure(2.3 * columns, 2.75 * rows + 0.4)
+    fig = new_figure(2.3 * columns, 3.2 * rows + 0.4)  # room for the file name under each image
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
     for ax, item in zip(axes, items, strict=False):
         ax.imshow(item.image, interpolation="lanczos")
