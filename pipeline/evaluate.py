@@ -43,6 +43,30 @@ def dataset_name(ingest: dict) -> str:
     return Path(ingest.get("root", "unknown")).name or str(ingest.get("root"))
 
 
+def read_run_info(model_dir: Path) -> dict:
+    """``run.json`` written by the train stage (MLflow run and store of the model), or {}."""
+    path = Path(model_dir) / "run.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def code_and_run(run_info: dict) -> dict[str, str]:
+    """The provenance every report carries: git commit and dirty flag, MLflow run, creation time."""
+    git = tracking.git_state()
+    return {
+        "git_commit": git["git.commit"],
+        "git_dirty": git["git.dirty"],
+        "mlflow_run_id": run_info.get("run_id", "not tracked"),
+        "mlflow_experiment_id": run_info.get("experiment_id", ""),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def model_summary(meta: dict) -> dict:
+    """What a report says about the model, from its saved metadata."""
+    return {key: meta[key] for key in ("model", "pretrained", "image_size", "best_epoch", "best_val_macro_f1")
+            if key in meta}
+
+
 def per_class_table(metrics: dict) -> pd.DataFrame:
     """One row per class: point values of the per-class metrics and the support."""
     rows = []
@@ -111,21 +135,9 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
 
     ingest_path = interim_dir / "ingest.json"
     ingest = json.loads(ingest_path.read_text(encoding="utf-8")) if ingest_path.is_file() else {}
-    run_path = model_dir / "run.json"
-    run_info = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else {}
-    git = tracking.git_state()
-    provenance = {
-        **ingest,
-        "dataset": dataset_name(ingest),
-        "split": "test",
-        "git_commit": git["git.commit"],
-        "git_dirty": git["git.dirty"],
-        "mlflow_run_id": run_info.get("run_id", "not tracked"),
-        "mlflow_experiment_id": run_info.get("experiment_id", ""),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    model_info = {key: meta[key] for key in ("model", "pretrained", "image_size", "best_epoch",
-                                              "best_val_macro_f1") if key in meta}
+    run_info = read_run_info(model_dir)
+    provenance = {**ingest, "dataset": dataset_name(ingest), "split": "test", **code_and_run(run_info)}
+    model_info = model_summary(meta)
     model_info["temperature (fitted on val)"] = round(temperature, 4)
     synthetic = bool(ingest.get("synthetic", False))
     write_report(

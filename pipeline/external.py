@@ -22,17 +22,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from pipeline import tracking
 from pipeline.config import DataParams, Params
 from pipeline.data import ProcessedImages, Split, load_index
-from pipeline.evaluate import log_evaluation, per_class_table
+from pipeline.evaluate import code_and_run, log_evaluation, model_summary, per_class_table, read_run_info
 from pipeline.explain import write_explanation_figures
 from pipeline.inference import load_model, pick_device, predict_logits
 from pipeline.ingest import resolve_label
@@ -263,14 +261,12 @@ def run_external_evaluate(
     unknown.round({"share_of_label": 4, "mean_probability": 4}).to_csv(out / UNKNOWN_FILE, index=False)
 
     ingest = json.loads((interim_dir / "ingest.json").read_text(encoding="utf-8"))
-    run_path = Path(model_dir) / "run.json"
-    run_info = json.loads(run_path.read_text(encoding="utf-8")) if run_path.is_file() else {}
+    run_info = read_run_info(model_dir)
     dataset = f"external dataset {name}"
     where = split_phrase(split)
     the_where = where if split == "all" else f"the {where}"
     known_names = [classes[c] for c in present]
     unknown_labels = sorted({lab for lab, t in mapping.items() if t is None and lab in set(labels)})
-    git = tracking.git_state()
     provenance = {
         **ingest,
         "dataset": dataset,
@@ -279,11 +275,7 @@ def run_external_evaluate(
         "images evaluated": f"{len(labels):,} ({int(known.sum()):,} of known classes, "
                             f"{int(unknown_mask.sum()):,} of unknown classes)",
         "label mapping": "; ".join(f"{lab} → {t or UNKNOWN}" for lab, t in mapping.items()),
-        "git_commit": git["git.commit"],
-        "git_dirty": git["git.dirty"],
-        "mlflow_run_id": run_info.get("run_id", "not tracked"),
-        "mlflow_experiment_id": run_info.get("experiment_id", ""),
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **code_and_run(run_info),
     }
     note = (
         f"External validation: every number and figure in this report comes from {the_where} of the {dataset} "
@@ -318,8 +310,7 @@ def run_external_evaluate(
         ["External label", "Images", "Predicted as (images)", "Mean probability of the prediction"],
         unknown_rows,
     ))
-    model_info = {key: meta[key] for key in ("model", "pretrained", "image_size", "best_epoch",
-                                              "best_val_macro_f1") if key in meta}
+    model_info = model_summary(meta)
     model_info["classes"] = classes
     if "temperature" in meta:
         model_info["temperature (fitted on the training data's val split)"] = round(temperature, 4)
