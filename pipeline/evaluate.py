@@ -61,12 +61,6 @@ def code_and_run(run_info: dict) -> dict[str, str]:
     }
 
 
-def model_summary(meta: dict) -> dict:
-    """What a report says about the model, from its saved metadata."""
-    return {key: meta[key] for key in ("model", "pretrained", "image_size", "best_epoch", "best_val_macro_f1")
-            if key in meta}
-
-
 def per_class_table(metrics: dict) -> pd.DataFrame:
     """One row per class: point values of the per-class metrics and the support."""
     rows = []
@@ -95,21 +89,21 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     cfg = params.evaluate
     device = pick_device(params.train.device)
     model, meta = load_model(model_dir / "model.pt", device)
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     index = load_index(processed_dir)
 
     def logits_of(split: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         rows = select_split(index, split, classes)
         if len(rows.rows) == 0:
             raise ValueError(f"{processed_dir}: the {split} split is empty; nothing to evaluate")
-        loader = DataLoader(ProcessedImages(processed_dir, rows, meta["image_size"]), batch_size=cfg.batch_size,
+        loader = DataLoader(ProcessedImages(processed_dir, rows, meta.image_size), batch_size=cfg.batch_size,
                             num_workers=0)
         logits, labels = predict_logits(model, loader, device)
         return logits, labels, rows.paths, rows.rows
 
     test_logits, y_test, test_paths, test_rows = logits_of("test")
-    if "temperature" in meta:  # fitted on val by the train stage and saved with the model
-        temperature = float(meta["temperature"])
+    if meta.temperature is not None:  # fitted on val by the train stage and saved with the model
+        temperature = meta.temperature
     else:  # a model saved without one
         val_logits, y_val, _, _ = logits_of("val")
         temperature = fit_temperature(val_logits, y_val)
@@ -124,7 +118,7 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     figures = write_figures(reports_dir / "figures", y_test, probs, classes, history=history,
                             y_prob_calibrated=softmax(test_logits, temperature))
     figures.update(write_explanation_figures(
-        reports_dir / "figures", model=model, model_name=meta["model"], image_size=meta["image_size"],
+        reports_dir / "figures", model=model, model_name=meta.model, image_size=meta.image_size,
         images=np.load(processed_dir / IMAGES_FILE, mmap_mode="r"), rows=test_rows, paths=test_paths,
         y_true=y_test, y_prob=probs, classes=classes, n_worst=cfg.worst_errors,
         gradcam_per_class=cfg.gradcam_per_class, seed=cfg.seed, device=device,
@@ -137,13 +131,13 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     ingest = json.loads(ingest_path.read_text(encoding="utf-8")) if ingest_path.is_file() else {}
     run_info = read_run_info(model_dir)
     provenance = {**ingest, "dataset": dataset_name(ingest), "split": "test", **code_and_run(run_info)}
-    model_info = model_summary(meta)
+    model_info = meta.summary()
     model_info["temperature (fitted on val)"] = round(temperature, 4)
     synthetic = bool(ingest.get("synthetic", False))
     write_report(
         reports_dir / "report.html",
         reports_dir / "report.md",
-        title=f"WBC classifier evaluation: {meta['model']} on {provenance['dataset']}",
+        title=f"WBC classifier evaluation: {meta.model} on {provenance['dataset']}",
         synthetic=synthetic,
         provenance=provenance,
         model=model_info,

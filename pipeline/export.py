@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.config import IngestParams
 from pipeline.inference import load_model
+from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
 from pipeline.predict import ImageInput, RejectedInput, input_checks, prepare_input
 
@@ -56,17 +57,18 @@ class ExportedClassifier(nn.Module):
         return logits, torch.softmax(logits / self.temperature, dim=1)
 
 
-def parity_batch(meta: dict[str, Any], n: int = 8, seed: int = 0, images: list[Path] | None = None) -> np.ndarray:
+def parity_batch(meta: ModelMeta, n: int = 8, seed: int = 0, images: list[Path] | None = None) -> np.ndarray:
     """An (n, 3, size, size) uint8 batch at the model's input size: image files prepared exactly
     as ``wbc predict`` prepares them when ``images`` are given, else seeded uniform noise."""
-    size = int(meta["image_size"])
+    size = meta.image_size
     if not images:
         return np.random.default_rng(seed).integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)
     checks = input_checks(IngestParams())
     batch = []
     for path in images:
         try:
-            batch.append(prepare_input(ImageInput(str(path), str(path)), checks, meta["normalize"], size))
+            item = ImageInput(str(path), str(path))
+            batch.append(prepare_input(item, checks, meta.normalize.model_dump(mode="json"), size))
         except RejectedInput as exc:
             raise ValueError(f"{path}: cannot be used for the parity check: {exc}") from None
     return np.stack(batch)
@@ -134,9 +136,9 @@ def run_export(model_path: Path, out_dir: Path, formats: tuple[str, ...] = FORMA
         raise ValueError(f"export formats must be among {', '.join(FORMATS)}, got {', '.join(formats) or 'none'}")
     classifier, meta = load_model(model_path, "cpu")
     classifier = classifier.to(memory_format=torch.contiguous_format).float().eval()
-    temperature = float(meta.get("temperature") or 1.0)
+    temperature = meta.temperature_or_one
     module = ExportedClassifier(classifier, temperature).eval()
-    size = int(meta["image_size"])
+    size = meta.image_size
     out_dir.mkdir(parents=True, exist_ok=True)
 
     example = torch.from_numpy(parity_batch(meta, n=2, seed=1))
@@ -169,14 +171,14 @@ def run_export(model_path: Path, out_dir: Path, formats: tuple[str, ...] = FORMA
 
     document = {
         "source_model": str(model_path),
-        "model": meta["model"],
-        "classes": list(meta["classes"]),
+        "model": meta.model,
+        "classes": list(meta.classes),
         "image_size": size,
         "temperature": temperature,
-        "calibrated": meta.get("temperature") is not None,
-        "normalize": meta.get("normalize"),
-        "mean": meta.get("mean"),
-        "std": meta.get("std"),
+        "calibrated": meta.calibrated,
+        "normalize": meta.normalize.model_dump(mode="json"),
+        "mean": list(meta.mean),
+        "std": list(meta.std),
         "input": {
             "name": INPUT_NAME,
             "shape": ["batch", 3, size, size],
@@ -187,9 +189,9 @@ def run_export(model_path: Path, out_dir: Path, formats: tuple[str, ...] = FORMA
             "normalize.mode and normalize.pad_color, resize to image_size (area filter when shrinking); "
             "`wbc predict` does exactly this",
         },
-        "outputs": {"logits": ["batch", len(meta["classes"])],
+        "outputs": {"logits": ["batch", len(meta.classes)],
                     "probabilities": "softmax(logits / temperature), temperature fitted on the validation split"
-                    if meta.get("temperature") is not None else "softmax(logits): the model has no fitted temperature"},
+                    if meta.calibrated else "softmax(logits): the model has no fitted temperature"},
         "parity": {
             "reference": "PyTorch fp32 on CPU",
             "inputs": f"{len(images)} {'images' if parity_images else 'random uint8 images'}",
@@ -199,7 +201,7 @@ def run_export(model_path: Path, out_dir: Path, formats: tuple[str, ...] = FORMA
         },
         "files": {name: entry["file"] for name, entry in exports.items()},
         "torch_version": torch.__version__,
-        "run_id": meta.get("run_id"),
+        "run_id": meta.run_id,
     }
     (out_dir / META_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     failed = [

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import DataParams, Params
 from pipeline.data import ProcessedImages, Split, load_index
-from pipeline.evaluate import code_and_run, log_evaluation, model_summary, per_class_table, read_run_info
+from pipeline.evaluate import code_and_run, log_evaluation, per_class_table, read_run_info
 from pipeline.explain import write_explanation_figures
 from pipeline.inference import load_model, pick_device, predict_logits
 from pipeline.ingest import resolve_label
@@ -191,7 +191,7 @@ def run_external_evaluate(
     interim_dir, processed_dir = locate_dataset(dataset_dir)
     device = pick_device(params.train.device)
     model, meta = load_model(Path(model_dir) / "model.pt", device)
-    classes = list(meta["classes"])
+    classes = list(meta.classes)
     label_map = dict(label_map or {})
 
     index = load_index(processed_dir)
@@ -213,9 +213,9 @@ def run_external_evaluate(
                          f"labels {sorted(set(labels))}, model classes {classes}; map them with --map LABEL=CLASS")
 
     loader = DataLoader(ProcessedImages(processed_dir, Split(rows, np.where(known, y_all, 0), paths),
-                                        meta["image_size"]), batch_size=cfg.batch_size, num_workers=0)
+                                        meta.image_size), batch_size=cfg.batch_size, num_workers=0)
     logits, _ = predict_logits(model, loader, device)
-    temperature = float(meta.get("temperature", 1.0))
+    temperature = meta.temperature_or_one
     probs = softmax(logits)
     calibrated = softmax(logits, temperature)
     predicted = [classes[i] for i in probs.argmax(axis=1)]
@@ -236,7 +236,7 @@ def run_external_evaluate(
     figures = write_figures(figures_dir, y_known, probs_known, classes,
                             y_prob_calibrated=calibrated[known])
     figures.update(write_explanation_figures(
-        figures_dir, model=model, model_name=meta["model"], image_size=meta["image_size"],
+        figures_dir, model=model, model_name=meta.model, image_size=meta.image_size,
         images=np.load(processed_dir / IMAGES_FILE, mmap_mode="r"), rows=rows[known],
         paths=[p for p, k in zip(paths, known, strict=True) if k], y_true=y_known, y_prob=probs_known,
         classes=classes, n_worst=cfg.worst_errors, gradcam_per_class=cfg.gradcam_per_class, seed=cfg.seed,
@@ -285,7 +285,7 @@ def run_external_evaluate(
         + (f"{int(unknown_mask.sum()):,} images of classes the model does not know ({', '.join(unknown_labels)}) "
            "are reported apart below and are not counted as errors."
            if unknown_mask.any() else "Every image belongs to a class the model knows.")
-        + ("" if "temperature" in meta else " The model carries no fitted temperature, so none is applied.")
+        + ("" if meta.calibrated else " The model carries no fitted temperature, so none is applied.")
     )
     counts = selected["label"].value_counts()
     sections = [Section(
@@ -310,16 +310,16 @@ def run_external_evaluate(
         ["External label", "Images", "Predicted as (images)", "Mean probability of the prediction"],
         unknown_rows,
     ))
-    model_info = model_summary(meta)
+    model_info = meta.summary()
     model_info["classes"] = classes
-    if "temperature" in meta:
+    if meta.calibrated:
         model_info["temperature (fitted on the training data's val split)"] = round(temperature, 4)
     else:
         model_info["temperature"] = "none saved with the model; 1.0 used"
     write_report(
         out / "report.html",
         out / "report.md",
-        title=f"External validation: {meta['model']} on {dataset}, {where}",
+        title=f"External validation: {meta.model} on {dataset}, {where}",
         synthetic=bool(ingest.get("synthetic", False)),
         provenance=provenance,
         model=model_info,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier, build_classifier
 
 
@@ -30,22 +30,22 @@ def autocast(device: torch.device):
     return nullcontext()
 
 
-def save_model(path: Path, model: Classifier, meta: dict[str, Any]) -> None:
+def save_model(path: Path, model: Classifier, meta: ModelMeta) -> None:
     """Write weights and the metadata needed to rebuild and feed the model, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": meta}, tmp)
+    torch.save({"state_dict": state, "meta": meta.to_dict()}, tmp)
     tmp.replace(path)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
     """Rebuild a model saved by :func:`save_model` (weights only: nothing is unpickled)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: trained model not found; run `wbc train` (or `dvc repro`) first")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    meta = checkpoint["meta"]
-    model = build_classifier(meta["model"], len(meta["classes"]), meta["image_size"], pretrained=False)
+    meta = ModelMeta.from_dict(checkpoint.get("meta"), source=str(path))
+    model = build_classifier(meta.model, len(meta.classes), meta.image_size, pretrained=False)
     model.load_state_dict(checkpoint["state_dict"])
     return model.to(device, memory_format=torch.channels_last).eval(), meta
 

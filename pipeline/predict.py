@@ -38,6 +38,7 @@ from pipeline.imaging import ImageReadError, decode_rgb, model_pixels, to_chw
 from pipeline.inference import batch_logits, load_model, pick_device
 from pipeline.ingest import inspect_bytes, walk_files
 from pipeline.metrics import softmax
+from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
 
 OK = "ok"
@@ -153,21 +154,18 @@ def _as_list(batch: list[_Prepared]) -> list[_Prepared]:
 class Predictor:
     """A trained model with everything needed to classify new image files."""
 
-    def __init__(self, model: Classifier, meta: dict[str, Any], settings: PredictParams, checks: IngestParams,
+    def __init__(self, model: Classifier, meta: ModelMeta, settings: PredictParams, checks: IngestParams,
                  device: torch.device, source: str = "the model"):
-        missing = [key for key in ("classes", "image_size", "normalize") if key not in meta]
-        if missing:
-            raise ValueError(f"{source}: the model's metadata lacks {', '.join(missing)}; retrain it with `wbc train`")
         self.model = model.eval()
         self.meta = meta
         self.settings = settings
         self.checks = input_checks(checks)
         self.device = device
-        self.classes: list[str] = list(meta["classes"])
-        self.image_size = int(meta["image_size"])
-        self.normalize: dict[str, Any] = dict(meta["normalize"])
-        self.calibrated = meta.get("temperature") is not None
-        self.temperature = float(meta["temperature"]) if self.calibrated else 1.0
+        self.classes: list[str] = list(meta.classes)
+        self.image_size = meta.image_size
+        self.normalize: dict[str, Any] = meta.normalize.model_dump(mode="json")
+        self.calibrated = meta.calibrated
+        self.temperature = meta.temperature_or_one
 
     @classmethod
     def load(cls, model_path: str | Path, settings: PredictParams, checks: IngestParams) -> Predictor:

@@ -33,6 +33,7 @@ from pipeline.config import Params
 from pipeline.data import EpochSampler, ProcessedImages, load_index, select_split
 from pipeline.inference import autocast, pick_device, predict_logits, save_model
 from pipeline.metrics import fit_temperature
+from pipeline.model_meta import ModelMeta
 from pipeline.models import build_classifier, get_backbone, head_parameters
 from pipeline.normalize import IMAGES_FILE
 
@@ -362,19 +363,19 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
         val_logits, val_labels = predict_logits(model, val_loader, device)
         temperature = fit_temperature(val_logits, val_labels)
         backbone = get_backbone(cfg.model)
-        meta = {
-            "model": cfg.model,
-            "classes": classes,
-            "image_size": cfg.image_size,
-            "mean": list(backbone.mean),
-            "std": list(backbone.std),
-            "normalize": params.normalize.model_dump(mode="json"),
-            "pretrained": cfg.pretrained,
-            "best_epoch": best_epoch,
-            "best_val_macro_f1": best_score,
-            "temperature": temperature,
-            "run_id": run_id,
-        }
+        meta = ModelMeta(
+            model=cfg.model,
+            classes=tuple(classes),
+            image_size=cfg.image_size,
+            mean=backbone.mean,
+            std=backbone.std,
+            normalize=params.normalize,
+            pretrained=cfg.pretrained,
+            best_epoch=best_epoch,
+            best_val_macro_f1=best_score,
+            temperature=temperature,
+            run_id=run_id,
+        )
         save_model(model_dir / "model.pt", model, meta)
         reports_dir.mkdir(parents=True, exist_ok=True)
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(reports_dir / "train_history.csv", index=False)

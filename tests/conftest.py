@@ -88,7 +88,8 @@ def save_tiny_model(path: Path, temperature: float, seed: int = 0, head_std: flo
     import torch
 
     from pipeline.inference import save_model
-    from pipeline.models import build_classifier
+    from pipeline.model_meta import ModelMeta
+    from pipeline.models import build_classifier, get_backbone
 
     torch.manual_seed(seed)
     params = tiny_params()
@@ -96,7 +97,8 @@ def save_tiny_model(path: Path, temperature: float, seed: int = 0, head_std: flo
     if head_std is not None:
         with torch.no_grad():
             model.net.fc.weight.normal_(std=head_std)
-    meta = {"model": "baseline-cnn", "classes": list(params.data.classes), "image_size": 32,
-            "normalize": params.normalize.model_dump(mode="json"), "temperature": temperature}
+    backbone = get_backbone("baseline-cnn")
+    meta = ModelMeta(model="baseline-cnn", classes=tuple(params.data.classes), image_size=32, mean=backbone.mean,
+                     std=backbone.std, normalize=params.normalize, temperature=temperature)
     save_model(path, model, meta)
     return path

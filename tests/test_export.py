@@ -79,7 +79,7 @@ def test_cli_export_with_real_images_reports_the_parity(tiny_processed, tiny_mod
     table = predictor.predict([ImageInput(str(p), str(p)) for p in images])
     from pipeline.export import parity_batch
 
-    batch = parity_batch({"image_size": 32, "normalize": meta["normalize"]}, images=images)
+    batch = parity_batch(predictor.meta, images=images)
     _, onnx_probs = ort.InferenceSession(str(out / ONNX_FILE)).run(None, {"images": batch})
     np.testing.assert_allclose(onnx_probs, table[[f"p_{c}" for c in meta["classes"]]].to_numpy(), atol=1e-5)
 

@@ -53,7 +53,7 @@ def test_predict_on_raw_files_equals_the_training_data_path(tiny_processed, tiny
     assert table["path"].tolist() == files
     assert (table["status"] == "ok").all()
     np.testing.assert_allclose(_probs(table), expected, atol=1e-6)
-    assert table["predicted"].tolist() == [meta["classes"][i] for i in expected.argmax(axis=1)]
+    assert table["predicted"].tolist() == [meta.classes[i] for i in expected.argmax(axis=1)]
     np.testing.assert_allclose(table["top_probability"], expected.max(axis=1), atol=1e-6)
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -63,7 +64,9 @@ def test_registered_model_served_over_http_matches_wbc_predict(tiny_processed, t
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": isolated_mlflow, "OMP_NUM_THREADS": "1"}
+    # the server starts uvicorn by name: the interpreter's own bin folder must be on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": isolated_mlflow, "OMP_NUM_THREADS": "1", "PATH": path}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}/{version}",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     with (tmp_path / "serve.log").open("w+") as log:

@@ -82,11 +82,11 @@ def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_pa
     from pipeline.metrics import fit_temperature
 
     model, meta = load_model(out / "models" / "model.pt")
-    val = select_split(load_index(processed), "val", meta["classes"])
+    val = select_split(load_index(processed), "val", list(meta.classes))
     logits, labels = predict_logits(model, torch.utils.data.DataLoader(ProcessedImages(processed, val, 32)),
                                     torch.device("cpu"))
-    assert meta["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
-    assert run.data.metrics["temperature"] == pytest.approx(meta["temperature"])
+    assert meta.temperature == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert run.data.metrics["temperature"] == pytest.approx(meta.temperature)
     # the logged pyfunc model (not registered: registered_model is empty) predicts from image bytes
     assert "registered_model" not in run_info
     logged = mlflow.pyfunc.load_model(run_info["model_uri"])
@@ -94,8 +94,8 @@ def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_pa
     assert list(example.columns) == ["image"]
     answer = logged.predict(pd.concat([example, pd.DataFrame({"path": [str(tmp_path / "missing.png")]})]))
     assert answer["status"].tolist() == ["ok", "missing-file"]
-    probs = answer.loc[0, [f"p_{name}" for name in meta["classes"]]].to_numpy(dtype=float)
-    assert probs.sum() == pytest.approx(1.0) and answer.loc[0, "predicted"] == meta["classes"][probs.argmax()]
+    probs = answer.loc[0, [f"p_{name}" for name in meta.classes]].to_numpy(dtype=float)
+    assert probs.sum() == pytest.approx(1.0) and answer.loc[0, "predicted"] == meta.classes[probs.argmax()]
     assert answer.loc[1, "p_basophil"] is None
 
 
