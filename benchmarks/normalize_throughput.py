@@ -21,7 +21,8 @@ import cv2
 from PIL import Image
 
 from pipeline.config import NormalizeParams
-from pipeline.normalize import normalize_images, resolve_workers
+from pipeline.normalize import normalize_images
+from pipeline.workers import resolve_workers
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 

@@ -27,7 +27,8 @@ import pandas as pd
 from pipeline.augment import build_policy, save_policy
 from pipeline.config import parse_params
 from pipeline.ingest import run_ingest
-from pipeline.normalize import IMAGES_FILE, INDEX_FILE, run_normalize
+from pipeline.layout import IMAGES_FILE, INDEX_FILE
+from pipeline.normalize import run_normalize
 from pipeline.train import run_train
 
 

@@ -1,8 +1,8 @@
 """The ``wbc`` command line: one sub-command per DVC stage, plus tools around them.
 
 Every sub-command takes ``--params`` (default ``params.yaml``) and its input/output paths,
-whose defaults are the ones ``dvc.yaml`` uses. Errors in params or data end the command with
-a one-paragraph message and exit status 2, not a traceback.
+whose defaults come from :mod:`pipeline.layout` and are the ones ``dvc.yaml`` uses. Errors in
+params or data end the command with a one-paragraph message and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -15,12 +15,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Params, ParamsError, load_params
-
-INTERIM = Path("data/interim")
-PROCESSED = Path("data/processed")
-POLICY = Path("data/augment/policy.json")
-MODELS = Path("models")
-REPORTS = Path("reports")
+from pipeline.layout import (
+    AUGMENT_PREVIEW_FILE,
+    IMAGES_FILE,
+    INDEX_FILE,
+    INGEST_SUMMARY_FILE,
+    INTERIM,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    MODELS,
+    POLICY,
+    PROCESSED,
+    RAW,
+    REJECTED_FILE,
+    REPORTS,
+    SAMPLE_DIR,
+    SPLITS,
+)
 
 
 def _cmd_sample(args: argparse.Namespace, params: Params) -> None:
@@ -35,7 +46,7 @@ def _cmd_ingest(args: argparse.Namespace, params: Params) -> None:
 
     summary = run_ingest(params, out_dir=args.out, reports_dir=args.reports, progress=not args.quiet)
     print(f"ingest: kept {summary['n_kept']} of {summary['n_files']} files, rejected {summary['n_rejected']} "
-          f"(see {args.out / 'rejected.csv'})")
+          f"(see {args.out / REJECTED_FILE})")
     for split, counts in summary["counts"].items():
         print(f"  {split:5s} " + "  ".join(f"{name}={n}" for name, n in counts.items()))
 
@@ -52,7 +63,6 @@ def _cmd_normalize(args: argparse.Namespace, params: Params) -> None:
 
 def _cmd_augment(args: argparse.Namespace, params: Params) -> None:
     from pipeline.augment import run_augment
-    from pipeline.normalize import IMAGES_FILE, INDEX_FILE
 
     run_augment(args.processed / IMAGES_FILE, args.processed / INDEX_FILE, params.augment, args.policy,
                 args.preview)
@@ -63,7 +73,7 @@ def _cmd_train(args: argparse.Namespace, params: Params) -> None:
     from pipeline.train import run_train
 
     result = run_train(params, args.processed, args.policy, args.models, args.reports,
-                       ingest_summary=args.interim / "ingest.json", progress=not args.quiet)
+                       ingest_summary=args.interim / INGEST_SUMMARY_FILE, progress=not args.quiet)
     if result.get("run_id"):
         print(f"train: best val macro-F1 {result['best_val_macro_f1']:.4f} at epoch {result['best_epoch']} "
               f"(MLflow run {result['run_id']})")
@@ -144,26 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("fetch", _cmd_fetch, "download a public dataset (checksummed, resumable) into data/raw")
-    p.add_argument("dataset", choices=["pbc", "bloodmnist"])
-    p.add_argument("--dest", type=Path, default=Path("data/raw"))
+    from pipeline.fetch import DATASETS
+
+    p = command("fetch", _cmd_fetch, f"download a public dataset (checksummed, resumable) into {RAW}")
+    p.add_argument("dataset", choices=list(DATASETS))
+    p.add_argument("--dest", type=Path, default=RAW)
     p.add_argument("--force", action="store_true", help="download and unpack again even if present")
 
     p = command("sample", _cmd_sample, "generate the synthetic blood-smear sample")
-    p.add_argument("--out", type=Path, default=Path("data/raw/synthetic"))
+    p.add_argument("--out", type=Path, default=SAMPLE_DIR)
 
     p = command("ingest", _cmd_ingest, "validate, hash and split the raw images into a manifest")
     p.add_argument("--out", type=Path, default=INTERIM)
     p.add_argument("--reports", type=Path, default=REPORTS)
 
     p = command("normalize", _cmd_normalize, "resize every kept image to a square RGB array for training")
-    p.add_argument("--manifest", type=Path, default=INTERIM / "manifest.csv")
+    p.add_argument("--manifest", type=Path, default=INTERIM / MANIFEST_FILE)
     p.add_argument("--out", type=Path, default=PROCESSED)
 
     p = command("augment", _cmd_augment, "build, save and preview the augmentation policy")
     p.add_argument("--processed", type=Path, default=PROCESSED)
     p.add_argument("--policy", type=Path, default=POLICY)
-    p.add_argument("--preview", type=Path, default=REPORTS / "augment_preview.png")
+    p.add_argument("--preview", type=Path, default=REPORTS / AUGMENT_PREVIEW_FILE)
 
     p = command("train", _cmd_train, "train the classifier (resumes an interrupted run)")
     p.add_argument("--processed", type=Path, default=PROCESSED)
@@ -175,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", _cmd_predict, "classify new images: files, folders (recursive) or manifest CSVs")
     p.add_argument("inputs", nargs="+", type=Path, metavar="PATH",
                    help="image file, folder, or CSV with a 'path' column (paths relative to the CSV)")
-    p.add_argument("--model", type=Path, default=MODELS / "model.pt", help="trained model (default: %(default)s)")
+    p.add_argument("--model", type=Path, default=MODELS / MODEL_FILE, help="trained model (default: %(default)s)")
     p.add_argument("--out", type=Path, default=REPORTS / "predictions_new.csv", help="CSV (default: %(default)s)")
     p.add_argument("--json", nargs="?", const="", metavar="FILE",
                    help="also write JSON (default file: the CSV's name with .json)")
 
     p = command("export", _cmd_export, "export the trained model to ONNX and/or TorchScript, checked against PyTorch")
-    p.add_argument("--model", type=Path, default=MODELS / "model.pt", help="trained model (default: %(default)s)")
+    p.add_argument("--model", type=Path, default=MODELS / MODEL_FILE, help="trained model (default: %(default)s)")
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="both")
     p.add_argument("--out", type=Path, default=MODELS / "export", help="output folder (default: %(default)s)")
     p.add_argument("--images", nargs="+", type=Path, metavar="IMAGE",
@@ -196,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="external validation on another ingested + normalized dataset (DIR/interim, DIR/processed); "
                         "report in REPORTS/external/NAME/")
     p.add_argument("--name", help="name of the external dataset in reports and MLflow (default: DIR's name)")
-    p.add_argument("--split", choices=["all", "train", "val", "test"], default="all",
+    p.add_argument("--split", choices=["all", *SPLITS], default="all",
                    help="split of the external dataset to evaluate (default: %(default)s)")
     p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",
                    help="map an external label to a model class (repeatable); LABEL= marks it unknown to the model")

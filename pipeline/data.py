@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.imaging import resize_square, to_chw
-from pipeline.normalize import IMAGES_FILE, INDEX_FILE
+from pipeline.layout import IMAGES_FILE, INDEX_FILE
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pipeline.config import Params
 from pipeline.data import ProcessedImages, load_index, select_split
 from pipeline.explain import write_explanation_figures
 from pipeline.inference import load_model, pick_device, predict_logits
+from pipeline.layout import IMAGES_FILE
 from pipeline.metrics import (
     calibration_summary,
     classification_metrics,
@@ -30,7 +31,6 @@ from pipeline.metrics import (
     softmax,
     write_figures,
 )
-from pipeline.normalize import IMAGES_FILE
 from pipeline.report import write_report
 
 PER_CLASS_COLUMNS = ["precision", "recall", "specificity", "f1", "roc_auc", "average_precision"]

@@ -33,7 +33,7 @@ from pipeline.data import ProcessedImages, Split, load_index
 from pipeline.evaluate import code_and_run, log_evaluation, per_class_table, read_run_info
 from pipeline.explain import write_explanation_figures
 from pipeline.inference import load_model, pick_device, predict_logits
-from pipeline.ingest import resolve_label
+from pipeline.layout import IMAGES_FILE, INDEX_FILE
 from pipeline.metrics import (
     calibration_summary,
     class_colors,
@@ -44,8 +44,8 @@ from pipeline.metrics import (
     softmax,
     write_figures,
 )
-from pipeline.normalize import IMAGES_FILE, INDEX_FILE
 from pipeline.report import Section, split_phrase, write_report
+from pipeline.sources import resolve_label
 
 SPLITS = ("all", "train", "val", "test")
 UNKNOWN = "(unknown to the model)"

@@ -31,7 +31,9 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
-def _to_uint8_rgb(image: Image.Image) -> np.ndarray:
+def to_uint8_rgb(image: Image.Image) -> np.ndarray:
+    """An opened PIL image as HxWx3 uint8 RGB: 16-bit and float grey scaled to 0..255, transparency
+    composited on white, anything else converted by PIL."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if array.max() > 255 else 255.0
@@ -56,7 +58,7 @@ def read_rgb_pil(path: str | Path | io.BytesIO, name: str | Path | None = None) 
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             image.load()
-            return _to_uint8_rgb(image)
+            return to_uint8_rgb(image)
     except Image.DecompressionBombError as exc:
         raise ImageReadError(name, "decompression-bomb", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -9,7 +9,6 @@ memory-mapped output, so nothing large crosses process boundaries.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -20,20 +19,8 @@ from tqdm import tqdm
 
 from pipeline.config import NormalizeParams
 from pipeline.imaging import ImageReadError, fit_square, read_rgb
-
-IMAGES_FILE = "images.npy"
-INDEX_FILE = "index.csv"
-SUMMARY_FILE = "normalize.json"
-
-
-def resolve_workers(requested: int) -> int:
-    """``requested`` workers, or every CPU this process may use when it is 0."""
-    if requested > 0:
-        return requested
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+from pipeline.layout import IMAGES_FILE, INDEX_FILE, NORMALIZE_SUMMARY_FILE
+from pipeline.workers import resolve_workers
 
 
 def _normalize_chunk(
@@ -115,5 +102,5 @@ def run_normalize(
         "images_per_second": round(len(manifest) / seconds, 1),
         "images_per_second_per_worker": round(len(manifest) / seconds / workers, 1),
     }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out_dir / NORMALIZE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

@@ -2,7 +2,7 @@
 
 Each input (an image file, or the base64-encoded bytes of one) is
 
-1. checked the way ingest checks raw files (:func:`pipeline.ingest.inspect_bytes`: the same
+1. checked the way ingest checks raw files (:func:`pipeline.inspection.inspect_bytes`: the same
    reason codes, ``truncated``, ``not-an-image``, ``too-small``…, with ``params.ingest``'s limits),
 2. decoded the way the normalize stage decodes (:func:`pipeline.imaging.decode_rgb`),
 3. squared with the normalize params saved in the model and resized to the model's input size
@@ -36,19 +36,15 @@ from tqdm import tqdm
 from pipeline.config import IngestParams, Params, PredictParams
 from pipeline.imaging import ImageReadError, decode_rgb, model_pixels, to_chw
 from pipeline.inference import batch_logits, load_model, pick_device
-from pipeline.ingest import inspect_bytes, walk_files
+from pipeline.inspection import inspect_bytes
 from pipeline.metrics import softmax
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
+from pipeline.sources import walk_files
 
+# A row's status: OK, or a reason code of pipeline.inspection.REASON_MEANINGS (predict's own included).
 OK = "ok"
 MANIFEST_SUFFIX = ".csv"
-# Reason codes of predict's own (the rest are ingest's, see pipeline/ingest.py).
-REASON_MEANINGS = {
-    "missing-file": "the file does not exist",
-    "no-input": "the row names no file and carries no image bytes",
-    "not-base64": "the image column is not valid base64",
-}
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from pipeline.augment import load_policy
 from pipeline.config import Params
 from pipeline.data import EpochSampler, ProcessedImages, load_index, select_split
 from pipeline.inference import autocast, pick_device, predict_logits, save_model
+from pipeline.layout import IMAGES_FILE
 from pipeline.metrics import fit_temperature
 from pipeline.model_meta import ModelMeta
 from pipeline.models import build_classifier, get_backbone, head_parameters
-from pipeline.normalize import IMAGES_FILE
 
 CHECKPOINT_DIR = "checkpoints"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]

@@ -17,8 +17,9 @@ from PIL import Image
 
 from pipeline.config import NormalizeParams, ParamsError, parse_params
 from pipeline.imaging import read_rgb
-from pipeline.ingest import IngestError, run_ingest
+from pipeline.ingest import run_ingest
 from pipeline.normalize import run_normalize
+from pipeline.sources import IngestError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]

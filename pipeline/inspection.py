@@ -1,0 +1,216 @@
+"""Checking one image file: checksum, full decode, size limits and a perceptual hash.
+
+:func:`inspect_bytes` is the one check every image passes before use, whether ingest reads it
+from ``data.root`` or ``wbc predict`` receives it; :data:`REASON_MEANINGS` says what each reason
+code (in ``rejected.csv`` and in prediction rows) means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline.config import IngestParams
+from pipeline.imaging import to_uint8_rgb
+from pipeline.workers import resolve_workers
+
+REASON_MEANINGS = {
+    # the file itself is not a usable image
+    "empty-file": "the file has 0 bytes",
+    "unreadable": "the file could not be read (permissions, I/O error, broken link)",
+    "not-an-image": "the content is not an image format the decoder knows",
+    "unsupported-format": "an image, but of a format not in ingest.formats",
+    "decompression-bomb": "more pixels than ingest.max_pixels (checked before decoding)",
+    "truncated": "the image data ends early",
+    "corrupt": "the image data is damaged",
+    "undecodable": "the decoder could not turn the image into pixels",
+    "too-small": "the short side is below ingest.min_side",
+    "changed-since-ingest": "a file ingest accepted can no longer be decoded; re-run ingest",
+    # the file's label is missing or not one of data.classes
+    "unknown-class": "the folder or label is not in data.classes nor in data.label_map",
+    "excluded-class": "the folder or label is mapped to null in data.label_map",
+    "not-in-class-folder": "a file directly in data.root, outside any class folder",
+    "missing-label": "the label table gives no label for this image",
+    "unlabelled": "an image the label table does not name",
+    "missing-file": "the file named (by a label table or a prediction input) does not exist",
+    # the same picture carries different labels
+    "duplicate-conflict": "identical files (or one file listed twice) with different labels",
+    "near-duplicate-conflict": "near-identical images with different labels",
+    # a prediction input that carries no image
+    "no-input": "the input names no file and carries no image bytes",
+    "not-base64": "the image bytes given are not valid base64",
+    # a prediction input over a limit or somewhere it may not be read from: refused before reading or decoding
+    "path-not-allowed": "a file path the served model may not read (paths need predict.serve_path_root), "
+    "or one that resolves outside its allowed folder (symlinks and '..' followed)",
+    "not-a-file": "the path names a folder, device, pipe or socket, not a regular file",
+    "too-large": "more bytes than predict.max_image_bytes",
+    "too-many-pixels": "width x height in the image header exceeds predict.max_pixels",
+    "too-many-rows": "the request has more rows than predict.max_rows",
+}
+# EXIF orientations with a quarter turn (5-8): the picture shows with width and height swapped.
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What decoding one file found: its checksum and size, or why it is not usable."""
+
+    sha256: str = ""
+    bytes: int = 0
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    mode: str = ""
+    phash: bytes | None = None
+    reason: str = ""
+    detail: str = ""
+
+
+@contextmanager
+def _no_pil_pixel_limit() -> Iterator[None]:
+    """Lift PIL's own bomb check: ingest checks ``max_pixels`` from the header itself."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _describe_content(head: bytes) -> str:
+    """A guess at what a non-image file is, from its first bytes."""
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    if stripped.startswith(b"<"):
+        return "XML or HTML text"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive"
+    if head[4:8] == b"Bud1":
+        return "a macOS .DS_Store folder index"
+    text = head.decode("utf-8", errors="replace")[:-3]  # the last character may be cut in two
+    if "\ufffd" not in text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "text"
+    return f"unrecognised binary data (starts {head[:8].hex()})"
+
+
+PHASH_BITS = 256
+_PHASH_SIDE = 16  # low-frequency DCT block kept: 16 x 16 = 256 bits
+_SIGNS = (-1.0) ** np.arange(_PHASH_SIDE)  # mirroring a picture flips the sign of its odd DCT terms
+
+
+def canonical_phash(image: Image.Image) -> bytes:
+    """A 256-bit DCT perceptual hash, the same for all 8 flips and quarter turns of a picture.
+
+    Cells have no preferred orientation, so a turned copy is still the same picture: the hash is
+    the smallest of the eight orientations' hashes. Their DCTs follow from one DCT by sign flips
+    and a transpose. 256 bits rather than the usual 64: on PBC, 64-bit hashes put distinct cells
+    of different classes within 6 bits of each other; 256-bit ones keep them more than 60 apart.
+    """
+    small = cv2.resize(to_uint8_rgb(image), (4 * _PHASH_SIDE, 4 * _PHASH_SIDE), interpolation=cv2.INTER_AREA)
+    low = cv2.dct(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32))[:_PHASH_SIDE, :_PHASH_SIDE]
+    rows, cols = _SIGNS[:, None], _SIGNS[None, :]
+    mirrored = np.stack([low, low * cols, low * rows, low * rows * cols])
+    views = np.concatenate([mirrored, mirrored.transpose(0, 2, 1)]).reshape(8, -1)
+    middle = views.shape[1] // 2
+    median = np.partition(views, (middle - 1, middle), axis=1)[:, middle - 1 : middle + 1].mean(axis=1)
+    bits = views > median[:, None]
+    return min(np.packbits(row).tobytes() for row in bits)
+
+
+def inspect_file(file: str, params: IngestParams) -> Inspection:
+    """Read, checksum and fully decode one file (read-only); say why it is unusable, if it is."""
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        return Inspection(reason="unreadable", detail=exc.strerror or str(exc))
+    return inspect_bytes(data, params)
+
+
+def inspect_bytes(data: bytes, params: IngestParams) -> Inspection:
+    """Checksum and fully decode the bytes of one image file; say why it is unusable, if it is."""
+    if not data:
+        return Inspection(reason="empty-file", detail="the file has 0 bytes")
+    found = Inspection(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    try:
+        with warnings.catch_warnings(), _no_pil_pixel_limit():
+            warnings.simplefilter("ignore")
+            return _decode(data, found, params)
+    except UnidentifiedImageError:
+        return replace(found, reason="not-an-image", detail=f"content is {_describe_content(data[:512])}")
+    except MemoryError:
+        return replace(found, reason="decompression-bomb", detail="decoding ran out of memory")
+    except Exception as exc:  # a decoder bug on one odd file must not stop the whole ingest
+        cut = isinstance(exc, EOFError) or "truncat" in str(exc).lower()
+        return replace(found, reason="truncated" if cut else "corrupt", detail=f"{type(exc).__name__}: {exc}")
+
+
+def _lacks_end(data: bytes, found: Inspection) -> bool:
+    """True when a JPEG or PNG stops before its end marker: the file was cut short."""
+    if found.format == "JPEG":
+        return b"\xff\xd9" not in data[-64:]
+    if found.format == "PNG":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def _decode(data: bytes, found: Inspection, params: IngestParams) -> Inspection:
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        found = replace(found, format=image.format or "", mode=image.mode)
+        if found.format not in params.formats:
+            return replace(
+                found,
+                reason="unsupported-format",
+                detail=f"{found.format} image; ingest.formats allows {', '.join(params.formats)}",
+            )
+        if width * height > params.max_pixels:
+            return replace(
+                found,
+                reason="decompression-bomb",
+                detail=f"header says {width}x{height} = {width * height} pixels > ingest.max_pixels "
+                f"({params.max_pixels}); not decoded",
+            )
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            message = str(exc) or type(exc).__name__
+            truncated = isinstance(exc, EOFError) or "truncat" in message.lower() or _lacks_end(data, found)
+            return replace(found, reason="truncated" if truncated else "corrupt", detail=message)
+        if image.getexif().get(_ORIENTATION_TAG) in _TRANSPOSED_ORIENTATIONS:
+            width, height = height, width
+        found = replace(found, width=width, height=height)
+        if min(width, height) < params.min_side:
+            return replace(
+                found, reason="too-small", detail=f"{width}x{height}; ingest.min_side is {params.min_side}"
+            )
+        if params.near_dup_threshold:
+            found = replace(found, phash=canonical_phash(image))
+        return found
+
+
+def inspect_all(files: list[str], params: IngestParams, progress: bool = True) -> list[Inspection]:
+    """Inspect ``files`` in a process pool; results come back in the order of ``files``."""
+    workers = min(resolve_workers(params.workers), max(1, len(files)))
+    check = partial(inspect_file, params=params)
+    bar = partial(tqdm, total=len(files), desc="ingest", unit="img", disable=not progress)
+    if workers == 1:
+        return list(bar(map(check, files)))
+    chunksize = max(1, min(64, len(files) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(bar(pool.map(check, files, chunksize=chunksize)))
