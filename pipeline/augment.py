@@ -41,11 +41,35 @@ def build_policy(params: AugmentParams) -> A.Compose:
                 hue=params.hue,
                 p=params.color,
             ),
+            *shift_transforms(params),
             A.GaussianBlur(blur_limit=(3, 5), p=params.blur),
             A.GaussNoise(std_range=(0.02, 0.06), p=params.noise),
         ],
         seed=params.seed,
     )
+
+
+def shift_transforms(params: AugmentParams) -> list[A.BasicTransform]:
+    """Transforms that imitate another lab: stain, light, camera response, colour loss, cell scale
+    and resolution. Each is present only when its probability is above 0, so a policy without
+    shift augmentation is exactly today's policy."""
+    candidates = [
+        (params.stain, lambda p: A.HEStain(method="random_preset", augment_background=False, p=p,
+                                           intensity_scale_range=(1 - params.stain_intensity,
+                                                                  1 + params.stain_intensity))),
+        (params.hsv, lambda p: A.HueSaturationValue(hue_shift_limit=params.hsv_hue,
+                                                    sat_shift_limit=params.hsv_saturation,
+                                                    val_shift_limit=params.hsv_value, p=p)),
+        (params.illuminant, lambda p: A.PlanckianJitter(mode="blackbody", p=p)),
+        (params.gamma, lambda p: A.RandomGamma(gamma_limit=(70, 150), p=p)),
+        (params.grayscale, lambda p: A.ToGray(num_output_channels=3, p=p)),
+        (params.zoom, lambda p: A.Affine(scale=(params.zoom_min, params.zoom_max), border_mode=cv2.BORDER_REFLECT_101,
+                                         p=p)),
+        (params.downscale, lambda p: A.Downscale(scale_range=(params.downscale_min, 0.9), p=p,
+                                                 interpolation_pair={"downscale": cv2.INTER_AREA,
+                                                                     "upscale": cv2.INTER_LINEAR})),
+    ]
+    return [make(probability) for probability, make in candidates if probability > 0]
 
 
 def save_policy(policy: A.Compose, path: Path) -> None:
