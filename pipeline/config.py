@@ -176,6 +176,21 @@ class AugmentParams(_Section):
     hue: float = Field(0.03, ge=0.0, le=0.5)
     blur: Probability = 0.1
     noise: Probability = 0.1
+    # Shift augmentation: what changes from one lab to the next (stain, light, camera, scale).
+    stain: Probability = Field(0.0, description="stain-vector and intensity jitter (albumentations HEStain)")
+    stain_intensity: float = Field(0.3, ge=0.0, le=0.9, description="HEStain intensity scale range, 1 ± this")
+    hsv: Probability = Field(0.0, description="hue/saturation/value shift of the whole image")
+    hsv_hue: int = Field(15, ge=0, le=90, description="hue shift limit, degrees/2 as OpenCV counts them")
+    hsv_saturation: int = Field(30, ge=0, le=255)
+    hsv_value: int = Field(20, ge=0, le=255)
+    illuminant: Probability = Field(0.0, description="colour temperature of the light (PlanckianJitter)")
+    gamma: Probability = Field(0.0, description="camera response curve (RandomGamma 70..150)")
+    grayscale: Probability = Field(0.0, description="drop colour altogether, so shape must carry the class")
+    zoom: Probability = Field(0.0, description="scale jitter between zoom_min and zoom_max (cell size, framing)")
+    zoom_min: float = Field(0.7, gt=0.0, le=1.0)
+    zoom_max: float = Field(1.4, ge=1.0, le=3.0)
+    downscale: Probability = Field(0.0, description="down- then up-sample: lower-resolution cameras")
+    downscale_min: float = Field(0.35, gt=0.0, lt=1.0, description="smallest down-sampling factor")
     preview_images: int = Field(8, ge=1, le=64)
     seed: int = 0
 
