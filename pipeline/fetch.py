@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import PBC_CLASSES
+from pipeline.layout import RAW
 
 RECORD_FILE = "FETCHED.json"
 USER_AGENT = "wbc-pipeline-fetch (+urllib)"
@@ -457,7 +458,7 @@ def _unpack(dataset: Dataset, archive: Path, target: Path, progress: bool) -> tu
     return target / "images", {"official_split_counts": counts, "splits_csv": str(target / "splits.csv")}
 
 
-def fetch_dataset(dataset: Dataset, dest: Path = Path("data/raw"), force: bool = False, progress: bool = True) -> dict:
+def fetch_dataset(dataset: Dataset, dest: Path = RAW, force: bool = False, progress: bool = True) -> dict:
     """Download, check and unpack ``dataset`` into ``dest/<name>/``; return the FETCHED.json record.
 
     Files already present and matching are not downloaded again, and an archive already
@@ -496,7 +497,7 @@ def fetch_dataset(dataset: Dataset, dest: Path = Path("data/raw"), force: bool =
     return record
 
 
-def run_fetch(name: str, dest: Path = Path("data/raw"), force: bool = False, progress: bool = True) -> dict:
+def run_fetch(name: str, dest: Path = RAW, force: bool = False, progress: bool = True) -> dict:
     """The ``wbc fetch NAME`` command: fetch a dataset of :data:`DATASETS` by name."""
     try:
         dataset = DATASETS[name]

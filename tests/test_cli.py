@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.cli import build_parser, main
+from pipeline.fetch import DATASETS
 
 
 def test_every_stage_has_a_sub_command():
@@ -11,14 +12,15 @@ def test_every_stage_has_a_sub_command():
         assert parser.parse_args([command]).command == command
 
 
-def test_fetch_lists_the_public_datasets():
-    from pipeline.fetch import DATASETS
-
+def test_fetch_offers_exactly_the_datasets_of_the_registry(capsys):
     parser = build_parser()
-    assert {a for a in DATASETS} == {"pbc", "bloodmnist"}
-    assert parser.parse_args(["fetch", "pbc"]).dataset == "pbc"
+    for name in DATASETS:
+        assert parser.parse_args(["fetch", name]).dataset == name
     with pytest.raises(SystemExit):
         parser.parse_args(["fetch", "imagenet"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fetch", "--help"])
+    assert "{" + ",".join(DATASETS) + "}" in capsys.readouterr().out
 
 
 def test_missing_params_file_is_a_clean_error(tmp_path, capsys):
