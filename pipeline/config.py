@@ -7,6 +7,7 @@ The class list, image size and other facts live here and flow from here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -65,12 +66,64 @@ class TableSource(_Section):
         return value
 
 
+# A site name is a folder name and part of MLflow metric keys: lower case, digits, '.', '_', '-'.
+SITE_NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+
+
+def check_site_name(value: str) -> str:
+    """``value`` if it is a valid site name, else ValueError saying what a site name may hold."""
+    if not re.fullmatch(SITE_NAME_PATTERN, value):
+        raise ValueError(
+            f"site name {value!r}: a site name is a folder name: 1 to 64 lower-case letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def site_name_from(path: str) -> str:
+    """A valid site name made from a folder path (its last part, lower case, other characters as '-')."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", Path(path).name.lower()).strip("-._")[:64]
+    return name or "site"
+
+
+class SourceParams(_Section):
+    """One source of images: a site (lab, scanner) with its own folder tree or label tables.
+
+    ``root`` is relative to ``data.root`` (so DVC, which watches ``data.root``, sees every
+    source), or absolute. The other keys mean what they mean in ``data``.
+    """
+
+    site: str = Field(description="name of the site: lower case, digits, . _ -")
+    root: str = Field(".", min_length=1, description="folder of this source, relative to data.root")
+    source: Literal["folder", "table"] = "folder"
+    tables: list[TableSource] = Field(default_factory=list)
+    label_map: dict[str, str | None] = Field(default_factory=dict)
+    um_per_px: float | None = Field(
+        None, gt=0.0, description="physical pixel size of this site's images in micrometres, when known"
+    )
+
+    @field_validator("site")
+    @classmethod
+    def _site_name(cls, value: str) -> str:
+        return check_site_name(value)
+
+    @model_validator(mode="after")
+    def _tables_match_source(self) -> SourceParams:
+        if self.source == "table" and not self.tables:
+            raise ValueError(f"source {self.site!r}: source 'table' needs at least one entry in tables")
+        if self.source == "folder" and self.tables:
+            raise ValueError(f"source {self.site!r}: tables are only read when source is 'table'")
+        return self
+
+
 class DataParams(_Section):
     """Where the raw images are, how they are labelled and which classes the model learns.
 
     ``source: folder`` reads ``<root>/<class>/<image>``; ``source: table`` reads label tables.
     ``label_map`` turns other spellings or codes into class names (``SNE: neutrophil``,
     ``"1": neutrophil``); a label mapped to null is left out on purpose (reported as excluded).
+    With ``sources`` set, each entry is one site with its own folder (under ``root``), layout and
+    label map, and ``source``/``tables``/``label_map``/``site`` here are not used.
     """
 
     root: str = "data/raw/synthetic"
@@ -78,6 +131,25 @@ class DataParams(_Section):
     source: Literal["folder", "table"] = "folder"
     tables: list[TableSource] = Field(default_factory=list)
     label_map: dict[str, str | None] = Field(default_factory=dict)
+    site: str | None = Field(None, description="site name of the single source; default: root's folder name")
+    um_per_px: float | None = Field(None, gt=0.0, description="physical pixel size of the single source, if known")
+    sources: list[SourceParams] = Field(default_factory=list, description="several sites; empty = one source")
+
+    @field_validator("site")
+    @classmethod
+    def _site_name(cls, value: str | None) -> str | None:
+        return value if value is None else check_site_name(value)
+
+    def resolved_sources(self) -> list[SourceParams]:
+        """The sources to read: ``sources`` when given, else one made of root/source/tables/label_map."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceParams(site=self.site or site_name_from(self.root), root=".", source=self.source,
+                             tables=self.tables, label_map=self.label_map, um_per_px=self.um_per_px)]
+
+    def site_names(self) -> list[str]:
+        """The site of every source, in order."""
+        return [source.site for source in self.resolved_sources()]
 
     @field_validator("classes")
     @classmethod
@@ -88,13 +160,21 @@ class DataParams(_Section):
 
     @model_validator(mode="after")
     def _consistent_source(self) -> DataParams:
-        unknown = {
-            key: name for key, name in self.label_map.items() if name is not None and name not in self.classes
-        }
-        if unknown:
-            raise ValueError(
-                f"label_map targets must be in data.classes {self.classes} or null, got {unknown}"
-            )
+        for where, label_map in (("data.label_map", self.label_map),
+                                 *((f"data.sources[{s.site}].label_map", s.label_map) for s in self.sources)):
+            unknown = {key: name for key, name in label_map.items() if name is not None and name not in self.classes}
+            if unknown:
+                raise ValueError(f"{where} targets must be in data.classes {self.classes} or null, got {unknown}")
+        if self.sources:
+            sites = [source.site for source in self.sources]
+            repeated = sorted({site for site in sites if sites.count(site) > 1})
+            if repeated:
+                raise ValueError(f"data.sources: site names must be unique, repeated: {', '.join(repeated)}")
+            unused = [key for key in ("tables", "label_map", "site", "um_per_px") if getattr(self, key)]
+            if unused or self.source != "folder":
+                raise ValueError(f"with data.sources set, give {', '.join(unused) or 'source'} per source, "
+                                 "not in data itself")
+            return self
         if self.source == "table" and not self.tables:
             raise ValueError("source 'table' needs at least one entry in data.tables")
         if self.source == "folder" and self.tables:
@@ -128,6 +208,9 @@ class IngestParams(_Section):
         44, ge=0, le=128, description="max perceptual-hash distance (of 256 bits) of near-duplicates; 0 = off"
     )
     workers: int = Field(0, ge=0, description="0 = all CPU cores")
+    holdout_sites: list[str] = Field(
+        default_factory=list, description="sites never used for training or validation, evaluated apart"
+    )
 
     @field_validator("formats")
     @classmethod
@@ -285,6 +368,16 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
+
+    @model_validator(mode="after")
+    def _holdout_sites_exist(self) -> Params:
+        sites = self.data.site_names()
+        unknown = [site for site in self.ingest.holdout_sites if site not in sites]
+        if unknown:
+            raise ValueError(f"ingest.holdout_sites {unknown} are not sites of data (sites: {', '.join(sites)})")
+        if set(sites) <= set(self.ingest.holdout_sites):
+            raise ValueError(f"ingest.holdout_sites holds every site ({', '.join(sites)}); keep one for training")
+        return self
 
 
 def _describe(error: dict) -> str:

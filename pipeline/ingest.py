@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.inspection import PHASH_BITS, REASON_MEANINGS, inspect_all
 from pipeline.layout import (
+    HOLDOUT,
     INGEST_REPORT_FILE,
     INGEST_SUMMARY_FILE,
     INTERIM,
@@ -79,7 +80,7 @@ def run_ingest(
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(out_dir / MANIFEST_FILE, MANIFEST_COLUMNS, map(_manifest_row, kept))
     _write_csv(out_dir / REJECTED_FILE, REJECTED_COLUMNS, (vars(r) for r in rejections))
-    summary = summarize(root, params.data.classes, n_files, kept, rejections)
+    summary = summarize(root, params, n_files, kept, rejections)
     (out_dir / INGEST_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     reports_dir.mkdir(parents=True, exist_ok=True)
     report = ingest_report(summary, pictures, near, rejections, params)
@@ -103,6 +104,7 @@ def _manifest_row(item: Item) -> dict:
     found = item.found
     return {
         "path": item.candidate.path,
+        "site": item.candidate.site,
         "label": item.candidate.label,
         "sha256": found.sha256,
         "width": found.width,
@@ -132,17 +134,23 @@ def is_synthetic(root: Path) -> bool:
         return False
 
 
-def summarize(
-    root: Path, classes: list[str], n_files: int, items: list[Item], rejections: list[Rejection]
-) -> dict:
-    """The ingest.json record: counts per split and class, rejections by reason, data hash."""
-    counts = {split: dict.fromkeys(classes, 0) for split in SPLITS}
+def summarize(root: Path, params: Params, n_files: int, items: list[Item], rejections: list[Rejection]) -> dict:
+    """The ingest.json record: counts per split and class (overall and per site), sites held out,
+    rejections by reason, data hash."""
+    classes, sites = params.data.classes, params.data.site_names()
+    splits = [*SPLITS, HOLDOUT] if params.ingest.holdout_sites else list(SPLITS)
+    counts = {split: dict.fromkeys(classes, 0) for split in splits}
+    by_site = {site: {split: dict.fromkeys(classes, 0) for split in splits} for site in sites}
     for item in items:
         counts[item.split][item.candidate.label] += 1
-    per_class = [sum(counts[s][c] for s in SPLITS) for c in classes]
+        by_site[item.candidate.site][item.split][item.candidate.label] += 1
+    per_class = [sum(counts[s][c] for s in splits) for c in classes]
     return {
         "root": str(root),
-        "synthetic": is_synthetic(root),
+        "synthetic": is_synthetic(root) or any(is_synthetic(root / s.root) for s in params.data.resolved_sources()),
+        "sites": sites,
+        "holdout_sites": list(params.ingest.holdout_sites),
+        "counts_by_site": by_site,
         "classes": list(classes),
         "n_files": n_files,
         "n_kept": len(items),
@@ -172,27 +180,44 @@ def _table(header: list[str], rows: list[list[object]]) -> list[str]:
     return lines
 
 
+def _count_rows(counts: dict, classes: list[str], splits: list[str]) -> list[list[object]]:
+    """One row per class (counts per split, total, share) and a total row."""
+    total = max(1, sum(sum(per_class.values()) for per_class in counts.values()))
+    rows: list[list[object]] = []
+    for cls in classes:
+        per_split = [counts[split][cls] for split in splits]
+        rows.append([cls, *per_split, sum(per_split), f"{sum(per_split) / total:.1%}"])
+    split_totals = [sum(counts[split].values()) for split in splits]
+    rows.append(["**all**", *split_totals, sum(split_totals), "100%"])
+    return rows
+
+
 def _counts_section(summary: dict, params: Params) -> list[str]:
     counts, classes = summary["counts"], summary["classes"]
-    total = max(1, summary["n_kept"])
-    rows = []
-    for cls in classes:
-        per_split = [counts[split][cls] for split in SPLITS]
-        rows.append([cls, *per_split, sum(per_split), f"{sum(per_split) / total:.1%}"])
-    split_totals = [sum(counts[split].values()) for split in SPLITS]
-    rows.append(["**all**", *split_totals, sum(split_totals), "100%"])
+    splits = list(counts)
+    total = max(1, summary["n_kept"] - sum(counts.get(HOLDOUT, {}).values()))
+    val, test = (sum(counts[split].values()) for split in ("val", "test"))
     ingest = params.ingest
-    return [
+    lines = [
         "## Images per class and split",
         "",
-        *_table(["class", *SPLITS, "total", "share"], rows),
+        *_table(["class", *splits, "total", "share"], _count_rows(counts, classes, splits)),
         "",
         f"Imbalance ratio (largest class / smallest class): **{summary['imbalance_ratio']}**.",
         f"Split: method `{ingest.split_method}`, seed {ingest.seed}, asked val {ingest.val_fraction:.0%} and "
-        f"test {ingest.test_fraction:.0%}; got val {split_totals[1] / total:.1%} and test "
-        f"{split_totals[2] / total:.1%}. Groups of copies always share one split.",
+        f"test {ingest.test_fraction:.0%}; got val {val / total:.1%} and test {test / total:.1%}"
+        + (" of the training sites' images" if ingest.holdout_sites else "")
+        + ". Groups of copies always share one split; classes are stratified within each site.",
         "",
     ]
+    if ingest.holdout_sites:
+        lines += [f"Held-out sites (all their images in `{HOLDOUT}`, never trained on): "
+                  + ", ".join(f"`{site}`" for site in ingest.holdout_sites) + ".", ""]
+    if len(summary["sites"]) > 1:
+        for site, site_counts in summary["counts_by_site"].items():
+            lines += [f"### Site `{site}`", "", *_table(["class", *splits, "total", "share"],
+                                                        _count_rows(site_counts, classes, splits)), ""]
+    return lines
 
 
 def _rejected_section(rejections: list[Rejection]) -> list[str]:

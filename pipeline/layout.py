@@ -25,8 +25,10 @@ INGEST_REPORT_FILE = "ingest.md"
 SAMPLE_FILE = "SAMPLE.json"  # marks a raw folder as the generated synthetic sample
 
 SPLITS = ("train", "val", "test")
+HOLDOUT = "holdout"  # the split of every image of a site in ingest.holdout_sites: never trained on
 MANIFEST_COLUMNS = [
     "path",
+    "site",
     "label",
     "sha256",
     "width",
@@ -38,7 +40,7 @@ MANIFEST_COLUMNS = [
     "mode",
     "phash",
 ]
-REJECTED_COLUMNS = ["path", "reason", "detail"]
+REJECTED_COLUMNS = ["path", "site", "reason", "detail"]
 
 # Normalize (in PROCESSED).
 IMAGES_FILE = "images.npy"

@@ -32,6 +32,7 @@ class Candidate:
     file: str  # where to read it
     label: str
     group: str = ""  # a table's group column value, if any
+    site: str = ""  # the source (lab, scanner) it came from
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Rejection:
     path: str
     reason: str
     detail: str
+    site: str = ""
 
 
 def resolve_label(name: str, data: DataParams) -> str | None:
@@ -244,13 +246,13 @@ def _merge_repeated_rows(candidates: list[Candidate]) -> tuple[list[Candidate], 
     return kept, rejections
 
 
-def discover(root: Path, data: DataParams) -> tuple[list[Candidate], list[Rejection]]:
-    """All labelled candidate files under ``root`` plus files rejected for their label alone."""
+def discover_source(root: Path, data: DataParams) -> tuple[list[Candidate], list[Rejection]]:
+    """All labelled candidate files of one source folder plus files rejected for their label alone
+    (paths relative to ``root``)."""
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
-        raise IngestError(
-            f"data.root {str(root)!r} {what}; set data.root in params.yaml to the raw image folder"
-        )
+        raise IngestError(f"{str(root)!r} {what}; set data.root (and data.sources[].root) in params.yaml "
+                          "to the raw image folder")
     if data.source == "folder":
         return discover_folder(root, data)
     candidates: list[Candidate] = []
@@ -262,3 +264,38 @@ def discover(root: Path, data: DataParams) -> tuple[list[Candidate], list[Reject
     candidates, conflicts = _merge_repeated_rows(candidates)
     return candidates, rejections + conflicts
 
+
+def _under(prefix: str, path: str) -> str:
+    """``path`` (relative to a source folder) as a path relative to data.root."""
+    return path if prefix in ("", ".") else Path(os.path.normpath(Path(prefix) / path)).as_posix()
+
+
+def discover(root: Path, data: DataParams) -> tuple[list[Candidate], list[Rejection]]:
+    """Every file of every source (``data.sources``, or the one source ``data`` describes), each a
+    :class:`Candidate` or a :class:`Rejection` tagged with its site; paths relative to ``root``.
+
+    A source that yields no candidate at all is an error naming it: an empty or mistyped folder
+    must not quietly drop a whole lab from the data.
+    """
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise IngestError(
+            f"data.root {str(root)!r} {what}; set data.root in params.yaml to the raw image folder"
+        )
+    candidates: list[Candidate] = []
+    rejections: list[Rejection] = []
+    for source in data.resolved_sources():
+        view = data.model_copy(update={"source": source.source, "tables": source.tables,
+                                       "label_map": source.label_map, "sources": []})
+        prefix = Path(os.path.relpath(root / source.root, root)).as_posix()
+        found, rejected = discover_source(root / source.root, view)
+        if not found and data.sources:
+            raise IngestError(
+                f"data.sources[{source.site}]: no labelled image in {str(root / source.root)!r} "
+                f"({len(rejected)} file(s) rejected, e.g. "
+                f"{', '.join(f'{r.path}: {r.reason}' for r in rejected[:3]) or 'no files at all'}); "
+                "check its root, layout and label_map"
+            )
+        candidates += [replace(c, path=_under(prefix, c.path), site=source.site) for c in found]
+        rejections += [replace(r, path=_under(prefix, r.path), site=source.site) for r in rejected]
+    return candidates, rejections

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.config import IngestParams
 from pipeline.inspection import Inspection
-from pipeline.layout import SPLITS
+from pipeline.layout import HOLDOUT, SPLITS
 from pipeline.sources import Candidate, IngestError, Rejection
 
 
@@ -161,24 +161,35 @@ def _split_by_quota(ordered: list[list[Item]], params: IngestParams) -> list[str
     return splits + ["train"] * (len(ordered) - index)
 
 
-def _stratum(members: list[Item]) -> str:
-    """The class a group is stratified under: its most common label (ties: alphabetical)."""
-    counts = Counter(item.candidate.label for item in members)
-    return min(counts, key=lambda label: (-counts[label], label))
+def _stratum(members: list[Item]) -> tuple[str, str]:
+    """The site and class a group is stratified under: its most common (site, label); ties
+    alphabetical."""
+    counts = Counter((item.candidate.site, item.candidate.label) for item in members)
+    return min(counts, key=lambda key: (-counts[key], key))
 
 
 def assign_splits(groups: list[list[Item]], classes: list[str], params: IngestParams) -> None:
-    """Set each item's split: stratified by class, whole groups, fixed by seed and group names.
+    """Set each item's split: stratified by class within site, whole groups, fixed by seed and
+    group names. Every image of a site in ``params.holdout_sites`` (and every copy of one) goes
+    to the ``holdout`` split, never to train or val.
 
     With ``split_method: hash`` a group's split depends only on its own name, so adding files
-    never moves an existing image; a class whose hash split would leave a split empty (a very
-    small class) is split by quota instead.
+    never moves an existing image; a stratum whose hash split would leave a split empty (a very
+    small class of one site) is split by quota instead.
     """
-    _check_enough(groups, classes, params)
-    by_class: dict[str, list[list[Item]]] = defaultdict(list)
+    held_out = set(params.holdout_sites)
+    training = []
     for members in groups:
-        by_class[_stratum(members)].append(members)
-    for members_list in by_class.values():
+        if any(item.candidate.site in held_out for item in members):
+            for item in members:
+                item.split = HOLDOUT
+        else:
+            training.append(members)
+    _check_enough(training, classes, params)
+    by_stratum: dict[tuple[str, str], list[list[Item]]] = defaultdict(list)
+    for members in training:
+        by_stratum[_stratum(members)].append(members)
+    for members_list in by_stratum.values():
         ordered = sorted(members_list, key=lambda members: _unit_hash(params.seed, members[0].group))
         splits = _split_by_hash(ordered, params) if params.split_method == "hash" else []
         if set(splits) != set(SPLITS) and len(ordered) >= len(SPLITS):

@@ -164,7 +164,7 @@ def test_every_bad_file_is_rejected_with_its_reason(corpus, tmp_path, workers):
 def test_manifest_columns_sizes_and_groups(corpus, tmp_path):
     root, _, _ = corpus
     summary, manifest, _ = _ingest(root, tmp_path)
-    assert list(manifest[0])[:8] == ["path", "label", "sha256", "width", "height", "bytes", "split", "group"]
+    assert list(manifest[0])[:9] == ["path", "site", "label", "sha256", "width", "height", "bytes", "split", "group"]
     assert [row["path"] for row in manifest] == sorted(row["path"] for row in manifest)
     rows = {row["path"]: row for row in manifest}
     rotated = rows["neutrophil/exif_rotated.jpg"]
