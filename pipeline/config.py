@@ -182,12 +182,128 @@ class DataParams(_Section):
         return self
 
 
+ColourLevel = Annotated[int, Field(ge=0, le=255)]
+
+# Synthetic sites modelled on the real ones (see the data README): stain, light, optics and framing.
+SITE_PRESETS: dict[str, dict[str, object]] = {
+    # May-Grunwald-Giemsa, CellaVision DM96: the default look; cell in context, ~1/3 of a 360 px field.
+    "barcelona-like": {"size": 360, "jpeg_quality": 95},
+    # CellaVision images from another lab: paler nuclei, redder red cells, cell ~1/2 of a 300 px crop.
+    "cellavision-like": {
+        "size": 300, "background": (252, 226, 200), "saturation": 0.94, "white_cell_stain": 0.8,
+        "red_cell_stain": 1.15, "cell_scale": 1.45, "blur": 1.2, "jpeg_quality": 85,
+    },
+    # Fast stain: yellow background, dark maroon nuclei, tan cytoplasm, pale red cells; soft tight 120 px crop.
+    "jiangxi-like": {
+        "size": 120, "background": (255, 252, 166), "stain_hue": 20.0, "white_cell_stain": 1.33,
+        "red_cell_stain": 0.6, "cell_scale": 2.2, "blur": 2.5, "noise": 1.5,
+    },
+    # Gismo-Right on a white field: pale magenta cells, lavender red cells, uneven light, 224 px crops
+    # with black padding where a cell lay near the image edge.
+    "tehran-like": {
+        "size": 224, "background": (253, 252, 252), "stain_hue": 9.0, "red_cell_hue": -60.0,
+        "white_cell_stain": 0.52, "red_cell_stain": 1.35, "cell_scale": 1.3, "vignetting": 0.1, "noise": 1.5,
+        "jpeg_quality": 95, "edge_padding": 0.15,
+    },
+}
+
+
+class SiteStyle(_Section):
+    """One synthetic site (lab, scanner): how its stain, light, optics and framing differ.
+
+    Unset fields come from ``preset`` (by default the preset named like the site, if there is
+    one), else from the default look, which is the single-site sample's. A bare string in
+    ``sample.sites`` names a preset: ``sites: [barcelona-like, jiangxi-like]``.
+    """
+
+    name: str = Field(description="folder of the site: lower-case letters, digits, '.', '_', '-'")
+    preset: str | None = Field(None, description="preset the unset fields come from")
+    per_class: int | None = Field(None, ge=4, description="images per class; None = sample.per_class")
+    size: int | None = Field(None, ge=32, le=1024, description="image side in pixels; None = sample.size")
+    classes: list[str] | None = Field(None, min_length=1, description="classes this site has; None = all")
+    background: tuple[ColourLevel, ColourLevel, ColourLevel] = Field(
+        (251, 228, 202), strict=False, description="RGB of the empty field"
+    )
+    stain_hue: float = Field(0.0, ge=-180, le=180, description="degrees the stain colours turn")
+    red_cell_hue: float = Field(0.0, ge=-180, le=180, description="extra degrees for red cells")
+    saturation: float = Field(1.0, ge=0.0, le=3.0, description="stain colourfulness; 0 = grey")
+    white_cell_stain: float = Field(1.0, gt=0.0, le=3.0, description="optical density of nuclei, cytoplasm, granules")
+    red_cell_stain: float = Field(1.0, gt=0.0, le=3.0, description="optical density of red cells")
+    vignetting: float = Field(0.0, ge=0.0, le=0.6, description="light lost at the corners")
+    blur: float = Field(1.0, ge=0.0, le=10.0, description="focus blur, times the default")
+    noise: float = Field(1.0, ge=0.0, le=10.0, description="sensor noise, times the default")
+    jpeg_quality: int = Field(0, ge=0, le=100, description="JPEG round trip at this quality; 0 = none")
+    cell_scale: float = Field(1.0, ge=0.4, le=3.0, description="magnification: cells and red cells, times default")
+    edge_padding: Probability = Field(0.0, description="chance of a black strip, as in crops at an image edge")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data: object) -> object:
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, dict):
+            return data
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(cls.model_fields)}")
+        name = data.get("name")
+        preset = data.get("preset") or (name if isinstance(name, str) and name in SITE_PRESETS else None)
+        if preset is None:
+            return data
+        if preset not in SITE_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(SITE_PRESETS)}")
+        return {**SITE_PRESETS[preset], **data, "preset": preset}
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not re.fullmatch(SITE_NAME_PATTERN, value):
+            raise ValueError(
+                "a site name is its folder's name: 1 to 64 lower-case letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        unknown = [name for name in value if name not in PBC_CLASSES]
+        if unknown or len(set(value)) != len(value):
+            raise ValueError(f"classes must be distinct names from {', '.join(PBC_CLASSES)}, got {value}")
+        return value
+
+
 class SampleParams(_Section):
-    """The synthetic blood-smear sample used when no real data is configured."""
+    """The synthetic blood-smear sample used when no real data is configured.
+
+    With ``sites`` empty one site is written to ``<out>/<class>/``; otherwise each site gets its
+    own tree ``<out>/<site>/<class>/``, so that each can be a data source of its own.
+    """
 
     per_class: int = Field(100, ge=4)
     size: int = Field(128, ge=32, le=1024)
     seed: int = 0
+    sites: list[SiteStyle] = Field(default_factory=list, description="synthetic sites; empty = one default site")
+
+    @field_validator("sites")
+    @classmethod
+    def _distinct_site_folders(cls, value: list[SiteStyle]) -> list[SiteStyle]:
+        names = [site.name for site in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"site names must be unique, repeated: {', '.join(repeated)}")
+        clashing = [name for name in names if name in PBC_CLASSES]
+        if clashing:
+            raise ValueError(f"a site may not be named like a class folder: {', '.join(clashing)}")
+        return value
+
+
+# The formats (as PIL names them) that pipeline.imaging decodes to full-size RGB: the raster formats of
+# microscope and camera exports. PIL opens more (icons, textures, print formats), not all of them faithfully.
+IMAGE_FORMATS: tuple[str, ...] = ("BMP", "GIF", "JPEG", "JPEG2000", "PNG", "PPM", "TIFF", "WEBP")
+FORMAT_SPELLINGS = {"JPG": "JPEG", "TIF": "TIFF", "JP2": "JPEG2000", "J2K": "JPEG2000", "PGM": "PPM", "PBM": "PPM"}
 
 
 class IngestParams(_Section):

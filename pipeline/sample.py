@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.config import PBC_CLASSES, SampleParams
+from pipeline.config import PBC_CLASSES, SITE_NAME_PATTERN, SampleParams, SiteStyle
 
 DIFFICULTY: dict[str, float | tuple[float, float]] = {
     # Relative standard deviation of a white cell's radius around its class mean.
@@ -75,6 +76,10 @@ DIFFICULTY: dict[str, float | tuple[float, float]] = {
 _SUBPIXEL = 3  # OpenCV fixed-point bits: polygon vertices in 1/8 pixel
 _PNG_SETTINGS = [cv2.IMWRITE_PNG_COMPRESSION, 6]
 _FILE_PATTERN = re.compile(r"^(?P<cls>[a-z]+)_\d{4,}\.png$")
+_MANIFEST = "SAMPLE.json"
+# A site's scene is drawn at most this many pixels per field of the default magnification and then
+# resized to the site's size: the finishing blur hides finer detail, and large sites stay fast.
+_DRAWN_FIELD = 192
 
 RGB = tuple[float, float, float]
 
@@ -120,6 +125,26 @@ _RBC_PALLOR: RGB = (236, 206, 194)
 _RBC_RADIUS = 0.088  # fraction of the image side
 
 
+@dataclass(frozen=True)
+class _Look:
+    """How a site shows a scene: its empty field, red cells, stained parts and magnification."""
+
+    background: np.ndarray
+    red_cell: np.ndarray
+    red_cell_pallor: np.ndarray
+    stain: np.ndarray | None  # 3x3 map of a white-cell part's optical density; None = the default colours
+    scale: float = 1.0  # field pixels per image pixel relative to the default framing
+
+    def ink(self, colour: np.ndarray) -> np.ndarray:
+        """``colour`` (a white-cell part as the default stain shows it) as this site stains it."""
+        return colour if self.stain is None else _stained(colour, self.stain, self.background)
+
+
+_DEFAULT_LOOK = _Look(
+    np.array(_BACKGROUND, np.float32), np.array(_RBC, np.float32), np.array(_RBC_PALLOR, np.float32), None
+)
+
+
 @dataclass
 class _Cell:
     """A white cell being drawn: its 2x canvas crop, centre and radius in crop pixels, palette."""
@@ -130,61 +155,82 @@ class _Cell:
     palette: dict[str, np.ndarray]
     rng: np.random.Generator
     unit: float  # crop pixels per pixel of a 256-px drawing, so textures scale with the size
+    look: _Look
 
 
 def generate_sample(
     out_dir: Path, params: SampleParams, classes: Sequence[str] = PBC_CLASSES
 ) -> dict[str, int]:
-    """Write a synthetic sample to ``out_dir/<class>/<class>_<NNNN>.png`` plus ``SAMPLE.json``.
+    """Write a synthetic sample and its ``SAMPLE.json``; return the images written per class folder.
 
-    Files this generator wrote earlier are removed first, so the folder holds exactly this
-    sample. Returns the number of images written per class.
+    With ``params.sites`` empty the images go to ``out_dir/<class>/<class>_<NNNN>.png``; otherwise
+    each site gets its own tree ``out_dir/<site>/<class>/...`` and its own ``SAMPLE.json``, and the
+    one in ``out_dir`` lists every site. The keys of the result are the class folders relative to
+    ``out_dir`` (``neutrophil`` or ``jiangxi-like/neutrophil``). Files this generator wrote earlier
+    are removed first, so the folder holds exactly this sample.
     """
     _check_classes(classes)
+    site_classes = {site.name: _site_classes(site, classes) for site in params.sites}
     out_dir = Path(out_dir)
-    _remove_previous_sample(out_dir)
-    counts: dict[str, int] = {}
-    for name in classes:
-        class_dir = out_dir / name
-        class_dir.mkdir(parents=True, exist_ok=True)
-        for index in range(params.per_class):
-            image = render_image(name, index, params.size, params.seed)
-            bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-            if not cv2.imwrite(str(class_dir / f"{name}_{index:04d}.png"), bgr, _PNG_SETTINGS):
-                raise OSError(f"could not write {class_dir / f'{name}_{index:04d}.png'}")
-        counts[name] = params.per_class
-    manifest = {
-        "synthetic": True,
-        "generator": "pipeline.sample",
-        "seed": params.seed,
-        "per_class": params.per_class,
-        "size": params.size,
-        "classes": list(classes),
-    }
-    (out_dir / "SAMPLE.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _remove_previous_sample(out_dir, params.sites)
+    if not params.sites:
+        counts = _write_images(out_dir, classes, params.per_class, params.size, params.seed)
+        _write_manifest(out_dir, _sample_manifest(params, classes))
+        return counts
+    counts, entries = {}, []
+    for site in params.sites:
+        entry = _site_entry(site, params, site_classes[site.name])
+        root = site_root(out_dir, site.name)
+        written = _write_images(root, entry["classes"], entry["per_class"], entry["size"], params.seed, site)
+        counts.update({f"{site.name}/{name}": count for name, count in written.items()})
+        _write_manifest(root, {**_sample_manifest(params, classes, with_counts=False), **entry})
+        entries.append(entry)
+    _write_manifest(out_dir, {**_sample_manifest(params, classes), "sites": entries})
     return counts
 
 
-def render_image(name: str, index: int, size: int, seed: int = 0) -> np.ndarray:
-    """Return image ``index`` of class ``name`` as a ``size`` x ``size`` x 3 uint8 RGB array."""
+def site_root(out_dir: Path, site: str) -> Path:
+    """The folder holding synthetic site ``site``'s ``<class>/<image>`` tree under ``out_dir``."""
+    return Path(out_dir) / site
+
+
+def render_image(name: str, index: int, size: int, seed: int = 0, site: SiteStyle | None = None) -> np.ndarray:
+    """Return image ``index`` of class ``name`` as a ``size`` x ``size`` x 3 uint8 RGB array.
+
+    Without ``site`` the image has the default look. A site's images are other cells (its name
+    is part of the seed), drawn with the same morphology but its stain, light, optics and framing.
+    """
     _check_classes([name])
-    rng = np.random.default_rng([seed, PBC_CLASSES.index(name), index])
-    canvas = _background(rng, size)
-    center = _cell_center(rng, size)
+    if site is None:
+        rng = np.random.default_rng([seed, PBC_CLASSES.index(name), index])
+        return _finish(_scene(name, rng, size, _DEFAULT_LOOK), rng, size)
+    rng = np.random.default_rng([seed, PBC_CLASSES.index(name), index, zlib.crc32(site.name.encode())])
+    drawn = min(size, int(np.ceil(_DRAWN_FIELD / site.cell_scale)))
+    scene = _scene(name, rng, drawn, _site_look(site))
+    if drawn != size:
+        scene = cv2.resize(scene, (size, size), interpolation=cv2.INTER_CUBIC)
+    return _camera(_finish(scene, rng, size, site), rng, site)
+
+
+def _scene(name: str, rng: np.random.Generator, size: int, look: _Look) -> np.ndarray:
+    """The stained smear before optics and sensor: red cells and the white cell of class ``name``."""
+    field = size * look.scale
+    canvas = _background(rng, size, look)
+    center = _cell_center(rng, size, look)
     jitter = float(np.clip(1 + DIFFICULTY["size_jitter"] * rng.standard_normal(), 0.7, 1.4))
-    radius = _RADIUS[name] * size * jitter
-    _draw_rbcs(canvas, rng, avoid=(center, radius))
+    radius = _RADIUS[name] * field * jitter
+    _draw_rbcs(canvas, rng, (center, radius), look)
     if name == "platelet":
-        _draw_in_crop(canvas, center, 0.1 * size, _palette(name, rng), rng, _draw_platelet_cluster)
+        _draw_in_crop(canvas, center, 0.1 * field, _palette(name, rng, look), rng, _draw_platelet_cluster, look)
     else:
-        _draw_in_crop(canvas, center, radius, _palette(name, rng), rng, _DRAWERS[name])
+        _draw_in_crop(canvas, center, radius, _palette(name, rng, look), rng, _DRAWERS[name], look)
         if rng.random() < DIFFICULTY["occlusion_prob"]:
-            _draw_occluding_rbc(canvas, rng, center, radius)
+            _draw_occluding_rbc(canvas, rng, center, radius, look)
         if rng.random() < DIFFICULTY["bystander_platelet_prob"]:
-            away = _point_at(center, rng.uniform(0, 2 * np.pi), radius + 0.1 * size)
-            palette = _palette("platelet", rng)
-            _draw_in_crop(canvas, away, _RADIUS["platelet"] * size, palette, rng, _draw_platelet)
-    return _finish(canvas, rng, size)
+            away = _point_at(center, rng.uniform(0, 2 * np.pi), radius + 0.1 * field)
+            palette = _palette("platelet", rng, look)
+            _draw_in_crop(canvas, away, _RADIUS["platelet"] * field, palette, rng, _draw_platelet, look)
+    return canvas
 
 
 def _check_classes(classes: Sequence[str]) -> None:
@@ -196,11 +242,84 @@ def _check_classes(classes: Sequence[str]) -> None:
         )
 
 
-def _remove_previous_sample(out_dir: Path) -> None:
-    """Delete the PNGs and SAMPLE.json an earlier run wrote; leave anything else alone."""
-    (out_dir / "SAMPLE.json").unlink(missing_ok=True)
+def _site_classes(site: SiteStyle, classes: Sequence[str]) -> list[str]:
+    """The classes site ``site`` gets, in the order of ``classes``; its own list must be a subset."""
+    if site.classes is None:
+        return list(classes)
+    missing = [name for name in site.classes if name not in classes]
+    if missing:
+        raise ValueError(
+            f"sample.sites {site.name!r}: class(es) {', '.join(missing)} are not among the classes "
+            f"being generated ({', '.join(classes)})"
+        )
+    return [name for name in classes if name in site.classes]
+
+
+def _sample_manifest(params: SampleParams, classes: Sequence[str], with_counts: bool = True) -> dict:
+    manifest: dict = {"synthetic": True, "generator": "pipeline.sample", "seed": params.seed}
+    if with_counts:
+        manifest.update(per_class=params.per_class, size=params.size, classes=list(classes))
+    return manifest
+
+
+def _site_entry(site: SiteStyle, params: SampleParams, classes: list[str]) -> dict:
+    """A site's resolved settings, as written to the manifests."""
+    style = site.model_dump(exclude={"name", "preset", "per_class", "size", "classes"})
+    return {
+        "site": site.name,
+        "preset": site.preset,
+        "per_class": site.per_class or params.per_class,
+        "size": site.size or params.size,
+        "classes": classes,
+        "style": {key: list(value) if isinstance(value, tuple) else value for key, value in style.items()},
+    }
+
+
+def _write_images(
+    root: Path, classes: Sequence[str], per_class: int, size: int, seed: int, site: SiteStyle | None = None
+) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in classes:
+        class_dir = root / name
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            bgr = cv2.cvtColor(render_image(name, index, size, seed, site), cv2.COLOR_RGB2BGR)
+            if not cv2.imwrite(str(class_dir / f"{name}_{index:04d}.png"), bgr, _PNG_SETTINGS):
+                raise OSError(f"could not write {class_dir / f'{name}_{index:04d}.png'}")
+        counts[name] = per_class
+    return counts
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    (root / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _remove_previous_sample(out_dir: Path, sites: Sequence[SiteStyle]) -> None:
+    """Delete the PNGs and SAMPLE.json files an earlier run wrote, its sites' included; leave the rest."""
+    names = dict.fromkeys([*_previous_sites(out_dir), *(site.name for site in sites)])
+    _remove_sample_tree(out_dir)
+    for name in names:
+        root = site_root(out_dir, name)
+        if root.is_dir():
+            _remove_sample_tree(root)
+            if not any(root.iterdir()):
+                root.rmdir()
+
+
+def _previous_sites(out_dir: Path) -> list[str]:
+    """Site folders the sample already in ``out_dir`` lists (names that are not safe folders are ignored)."""
+    try:
+        entries = json.loads((out_dir / _MANIFEST).read_text(encoding="utf-8")).get("sites", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = [entry.get("site") for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+    return [name for name in names if isinstance(name, str) and re.fullmatch(SITE_NAME_PATTERN, name)]
+
+
+def _remove_sample_tree(root: Path) -> None:
+    (root / _MANIFEST).unlink(missing_ok=True)
     for name in PBC_CLASSES:
-        class_dir = out_dir / name
+        class_dir = root / name
         if not class_dir.is_dir():
             continue
         for path in class_dir.iterdir():
@@ -214,17 +333,18 @@ def _remove_previous_sample(out_dir: Path) -> None:
 # ---------------------------------------------------------------- scene
 
 
-def _background(rng: np.random.Generator, side: int) -> np.ndarray:
-    """Beige field with a gentle illumination gradient."""
-    tint = np.array(_BACKGROUND, np.float32) + rng.normal(0, 3, 3).astype(np.float32)
+def _background(rng: np.random.Generator, side: int, look: _Look) -> np.ndarray:
+    """The empty field (beige by default) with a gentle illumination gradient."""
+    tint = look.background + rng.normal(0, 3, 3).astype(np.float32)
     ramp = np.linspace(-1, 1, side, dtype=np.float32)
     angle = rng.uniform(0, 2 * np.pi)
     shade = 1 + rng.uniform(0, 0.03) * (np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None])
     return shade[..., None] * tint
 
 
-def _cell_center(rng: np.random.Generator, side: int) -> tuple[float, float]:
-    offset = DIFFICULTY["position_jitter"] * side * rng.uniform(-1, 1, 2)
+def _cell_center(rng: np.random.Generator, side: int, look: _Look) -> tuple[float, float]:
+    # At a higher magnification the cell wanders less, so that it stays in the frame.
+    offset = DIFFICULTY["position_jitter"] * side * rng.uniform(-1, 1, 2) * min(1.0, 1.0 / look.scale)
     return (side / 2 + offset[0], side / 2 + offset[1])
 
 
@@ -233,14 +353,15 @@ def _point_at(center: tuple[float, float], angle: float, distance: float) -> tup
 
 
 def _draw_rbcs(
-    canvas: np.ndarray, rng: np.random.Generator, avoid: tuple[tuple[float, float], float]
+    canvas: np.ndarray, rng: np.random.Generator, avoid: tuple[tuple[float, float], float], look: _Look
 ) -> None:
     """Scatter red cells; those landing on the white cell are dropped (it is drawn on top anyway)."""
     side = canvas.shape[0]
+    field = side * look.scale
     low, high = DIFFICULTY["rbc_count"]
-    count = int(rng.integers(low, high + 1))
+    count = round(int(rng.integers(low, high + 1)) / look.scale**2)  # same density at any magnification
     centers = rng.uniform(-0.05, 1.05, (count, 2)) * side
-    radii = _RBC_RADIUS * side * rng.uniform(0.88, 1.12, count)
+    radii = _RBC_RADIUS * field * rng.uniform(0.88, 1.12, count)
     (ax, ay), ar = avoid
     keep = np.hypot(centers[:, 0] - ax, centers[:, 1] - ay) > 0.6 * ar + radii
     disc = np.zeros(canvas.shape[:2], np.uint8)
@@ -249,17 +370,18 @@ def _draw_rbcs(
         aspect, angle = rng.uniform(0.85, 1.0), rng.uniform(0, 180)
         _ellipse(disc, (x, y), r, r * aspect, angle)
         _ellipse(pallor, (x, y), 0.5 * r, 0.5 * r * aspect, angle)
-    rbc = np.array(_RBC, np.float32) * rng.uniform(0.96, 1.03)
-    _paint(canvas, _soften(disc, 0.006 * side), rbc, 0.92)
-    _paint(canvas, _soften(pallor, 0.014 * side), np.array(_RBC_PALLOR, np.float32), 0.8)
+    rbc = look.red_cell * rng.uniform(0.96, 1.03)
+    _paint(canvas, _soften(disc, 0.006 * field), rbc, 0.92)
+    _paint(canvas, _soften(pallor, 0.014 * field), look.red_cell_pallor, 0.8)
 
 
 def _draw_occluding_rbc(
-    canvas: np.ndarray, rng: np.random.Generator, center: tuple[float, float], radius: float
+    canvas: np.ndarray, rng: np.random.Generator, center: tuple[float, float], radius: float, look: _Look
 ) -> None:
     """A translucent red cell across the white cell's edge, hiding part of it."""
     side = canvas.shape[0]
-    r = _RBC_RADIUS * side * rng.uniform(0.9, 1.1)
+    field = side * look.scale
+    r = _RBC_RADIUS * field * rng.uniform(0.9, 1.1)
     x, y = _point_at(center, rng.uniform(0, 2 * np.pi), radius + r * rng.uniform(0.2, 0.7))
     x0, y0 = max(int(x - r) - 2, 0), max(int(y - r) - 2, 0)
     x1, y1 = min(int(x + r) + 3, side), min(int(y + r) + 3, side)
@@ -268,7 +390,7 @@ def _draw_occluding_rbc(
     region = canvas[y0:y1, x0:x1]
     disc = np.zeros(region.shape[:2], np.uint8)
     _ellipse(disc, (x - x0, y - y0), r, r * rng.uniform(0.85, 1.0), rng.uniform(0, 180))
-    _paint(region, _soften(disc, 0.006 * side), np.array(_RBC, np.float32), rng.uniform(0.45, 0.75))
+    _paint(region, _soften(disc, 0.006 * field), look.red_cell, rng.uniform(0.45, 0.75))
 
 
 def _draw_in_crop(
@@ -278,6 +400,7 @@ def _draw_in_crop(
     palette: dict[str, np.ndarray],
     rng: np.random.Generator,
     drawer: Callable[[_Cell], None],
+    look: _Look,
 ) -> None:
     """Run ``drawer`` on a 2x-upsampled crop around ``center`` and shrink the result back in place.
 
@@ -293,7 +416,7 @@ def _draw_in_crop(
     region = canvas[y0:y1, x0:x1]
     crop = cv2.resize(region, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
     local = (2 * (center[0] - x0), 2 * (center[1] - y0))
-    drawer(_Cell(crop, local, 2 * radius, palette, rng, unit=side / 128))
+    drawer(_Cell(crop, local, 2 * radius, palette, rng, unit=side * look.scale / 128, look=look))
     region[:] = cv2.resize(crop, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
 
 
@@ -325,29 +448,94 @@ def _platelet_paint(cell: _Cell, body: np.ndarray) -> None:
     _sprinkle(cell, mask, sigma=1.2, coverage=0.3, strength=0.9)
 
 
-def _finish(canvas: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Per-image stain and brightness shift, optical blur and sensor noise."""
+def _finish(canvas: np.ndarray, rng: np.random.Generator, size: int, site: SiteStyle | None = None) -> np.ndarray:
+    """Per-image stain and brightness shift, optical blur and sensor noise; a site's light and optics."""
     gain = 1 + DIFFICULTY["stain_jitter"] * rng.standard_normal(3)
     offset = DIFFICULTY["brightness_jitter"] * rng.standard_normal()
     image = canvas * gain.astype(np.float32) + np.float32(offset)
-    sigma = rng.uniform(*DIFFICULTY["blur_sigma"]) * size / 128
-    image = cv2.GaussianBlur(image, (0, 0), sigma)
-    image += np.float32(rng.uniform(*DIFFICULTY["noise_sd"])) * rng.standard_normal(image.shape, np.float32)
+    blur, noise = (1.0, 1.0) if site is None else (site.blur, site.noise)
+    if site is not None and site.vignetting > 0:
+        image *= _vignette(size, site.vignetting)[..., None]
+    sigma = rng.uniform(*DIFFICULTY["blur_sigma"]) * size / 128 * blur
+    if sigma > 0:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    image += np.float32(rng.uniform(*DIFFICULTY["noise_sd"]) * noise) * rng.standard_normal(image.shape, np.float32)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- sites
+
+
+def _site_look(site: SiteStyle) -> _Look:
+    """The colours and magnification ``site`` draws its scenes with."""
+    background = np.array(site.background, np.float32)
+    white = site.white_cell_stain * _stain_turn(site.stain_hue, site.saturation)
+    red = site.red_cell_stain * _stain_turn(site.stain_hue + site.red_cell_hue, site.saturation)
+    pallor = _stained(np.array(_RBC_PALLOR, np.float32), red, background)
+    return _Look(background, _stained(np.array(_RBC, np.float32), red, background), pallor, white, site.cell_scale)
+
+
+def _stained(colour: np.ndarray, od_map: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """A default-look colour with its optical density mapped by ``od_map``, seen against ``background``.
+
+    Beer-Lambert: a dye absorbs a share of the light that passes, so a stain change is linear in
+    optical density (-log of transmitted over incident light), and the light of the site's empty
+    field is what the stained part is seen against.
+    """
+    density = -np.log(np.maximum(colour, 1.0) / np.array(_BACKGROUND, np.float32))
+    return np.clip(background * np.exp(-(od_map @ density)), 0, 255).astype(np.float32)
+
+
+def _stain_turn(degrees: float, saturation: float) -> np.ndarray:
+    """3x3 map of optical density: turn its hue by ``degrees`` about the grey axis, scale its chroma."""
+    axis = np.full(3, 1 / np.sqrt(3))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.radians(degrees)
+    turn = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    grey = np.outer(axis, axis)
+    return turn @ (grey + saturation * (np.eye(3) - grey))
+
+
+def _vignette(size: int, strength: float) -> np.ndarray:
+    """Share of the light reaching each pixel: 1 at the centre, ``1 - strength`` at the corners."""
+    ramp = np.linspace(-1, 1, size, dtype=np.float32) ** 2
+    return 1 - np.float32(strength / 2) * (ramp[None, :] + ramp[:, None])
+
+
+def _camera(image: np.ndarray, rng: np.random.Generator, site: SiteStyle) -> np.ndarray:
+    """What a site's acquisition adds after the sensor: crops at the image edge, JPEG compression."""
+    if rng.random() < site.edge_padding:
+        image = _edge_padded(image, rng)
+    if site.jpeg_quality:
+        ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, site.jpeg_quality])
+        if not ok:
+            raise OSError(f"could not JPEG-encode an image of site {site.name!r}")
+        image = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
+    return np.ascontiguousarray(image)
+
+
+def _edge_padded(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image with a black strip along one side, as when a cell near the slide image's edge is cropped."""
+    padded = image.copy()
+    width = int(rng.uniform(0.05, 0.25) * image.shape[0])
+    side = int(rng.integers(4))
+    rotated = np.rot90(padded, side)  # a view: the strip lands on side ``side``
+    rotated[:, :width] = 0
+    return padded
 
 
 # ---------------------------------------------------------------- white cells
 
 
-def _palette(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The class palette, each part jittered and pulled part-way toward a neighbour class."""
+def _palette(name: str, rng: np.random.Generator, look: _Look) -> dict[str, np.ndarray]:
+    """The class palette, each part jittered, pulled part-way toward a neighbour class and stained as the site does."""
     neighbour = _PALETTES[_NEIGHBOURS[name][rng.integers(len(_NEIGHBOURS[name]))]]
     palette = {}
     for part, colour in _PALETTES[name].items():
         mix = rng.uniform(0, DIFFICULTY["palette_mix"])
         value = (1 - mix) * np.array(colour) + mix * np.array(neighbour[part])
         value *= 1 + DIFFICULTY["palette_jitter"] * rng.standard_normal(3)
-        palette[part] = np.clip(value, 0, 255).astype(np.float32)
+        palette[part] = look.ink(np.clip(value, 0, 255).astype(np.float32))
     return palette
 
 
@@ -464,7 +652,7 @@ def _draw_monocyte(cell: _Cell) -> None:
             cv2.LINE_AA,
             _SUBPIXEL,
         )
-        _paint(cell.crop, _soften(vacuole, 0.8 * cell.unit), np.array(_BACKGROUND, np.float32), 0.6)
+        _paint(cell.crop, _soften(vacuole, 0.8 * cell.unit), cell.look.background, 0.6)
     shape = rng.random()
     if shape < 0.5:  # kidney
         nucleus = _arc_stroke(cell, rng.uniform(1.4, 2.4), 0.3, rng.uniform(0.36, 0.44), taper=0.25)
@@ -494,7 +682,7 @@ def _draw_ig(cell: _Cell) -> None:
 def _draw_erythroblast(cell: _Cell) -> None:
     rng, r = cell.rng, cell.radius
     ripeness = rng.uniform(0, 1)  # basophilic (blue) to polychromatic (grey-pink) cytoplasm
-    late = np.array((204, 168, 184), np.float32)
+    late = cell.look.ink(np.array((204, 168, 184), np.float32))
     cell.palette["cytoplasm"] = (1 - ripeness) * cell.palette["cytoplasm"] + ripeness * late
     body = _body(cell, wobble=0.02, aspect=(0.92, 1.0))
     nucleus = np.zeros(body.shape, np.uint8)
