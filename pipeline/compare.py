@@ -16,7 +16,21 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
-from pipeline.metrics import new_figure, save_figure
+from pipeline.calibration import CALIBRATION_LABELS
+from pipeline.figures import new_figure, save_figure
+from pipeline.metrics import EXTERNAL_PREFIX, TEST_PREFIX, calibration_key, metric
+
+# Metrics (keys of pipeline.metrics.METRICS) shown per run: in the table, in the plot, and of each
+# external validation (logged by `wbc evaluate --dataset` as ext_<name>_<key>).
+TABLE_METRICS = ("macro_f1", "balanced_accuracy", "accuracy", "ece")
+PLOTTED_METRICS = ("macro_f1", "balanced_accuracy", "ece")
+EXTERNAL_METRICS = ("macro_f1", "balanced_accuracy")
+RANKED_BY = TEST_PREFIX + "macro_f1"
+
+
+def _test_column(key: str) -> tuple[str, str, str]:
+    return TEST_PREFIX + key, f"metrics.{TEST_PREFIX}{key}", f"Test {metric(key).short}"
+
 
 # (column in the table, MLflow column, heading in Markdown)
 COLUMNS = (
@@ -29,23 +43,16 @@ COLUMNS = (
     ("image_size", "params.train.image_size", "Image size"),
     ("epochs", "params.train.epochs", "Epochs"),
     ("best_val_macro_f1", "metrics.best_val_macro_f1", "Best val macro F1"),
-    ("test_n", "metrics.test_n", "Test images"),
-    ("test_macro_f1", "metrics.test_macro_f1", "Test macro F1"),
-    ("test_balanced_accuracy", "metrics.test_balanced_accuracy", "Test balanced accuracy"),
-    ("test_accuracy", "metrics.test_accuracy", "Test accuracy"),
-    ("test_ece", "metrics.test_ece", "Test ECE"),
-    ("test_ece_calibrated", "metrics.test_calibration/ece_calibrated", "Test ECE, temperature-scaled"),
+    (TEST_PREFIX + "n", f"metrics.{TEST_PREFIX}n", "Test images"),
+    *(_test_column(key) for key in TABLE_METRICS),
+    (TEST_PREFIX + "ece_calibrated", f"metrics.{TEST_PREFIX}{calibration_key('ece_calibrated')}",
+     f"Test {CALIBRATION_LABELS['ece_calibrated']}"),
     ("dvc_experiment", "tags.dvc.exp_name", "DVC experiment"),
     ("git_commit", "tags.git.commit", "Git commit"),
 )
-# Plotted per run: (table column, label); ECE is lower-better, the others higher-better.
-PLOTTED = (
-    ("test_macro_f1", "macro F1 ↑"),
-    ("test_balanced_accuracy", "balanced accuracy ↑"),
-    ("test_ece", "ECE ↓"),
-)
-# External-validation metrics logged by `wbc evaluate --dataset` (ext_<name>_<metric>).
-EXTERNAL_METRICS = ("macro_f1", "balanced_accuracy")
+# Plotted per run: (table column, legend: the short name and ↑ for higher-better, ↓ for lower-better).
+PLOTTED = tuple((TEST_PREFIX + key, f"{metric(key).short} {'↑' if metric(key).higher_is_better else '↓'}")
+                for key in PLOTTED_METRICS)
 
 
 def _store_check(uri: str) -> None:
@@ -71,13 +78,13 @@ def load_runs(experiment: str, uri: str | None = None) -> pd.DataFrame:
     if runs.empty:
         raise ValueError(f"MLflow experiment {experiment!r} in {uri} has no runs")
     table = pd.DataFrame({name: runs.get(source, np.nan) for name, source, _ in COLUMNS})
-    for column in ("image_size", "epochs", "test_n"):  # counts, whatever MLflow stored them as
+    for column in ("image_size", "epochs", TEST_PREFIX + "n"):  # counts, whatever MLflow stored them as
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
     table["start_time"] = pd.to_datetime(table["start_time"], utc=True).dt.strftime("%Y-%m-%d %H:%M")
     for column in runs.columns:
-        if column.startswith("metrics.ext_") and column.endswith(EXTERNAL_METRICS):
+        if column.startswith(f"metrics.{EXTERNAL_PREFIX}") and column.endswith(EXTERNAL_METRICS):
             table[column.removeprefix("metrics.")] = runs[column]
-    table = table.sort_values(["test_macro_f1", "start_time"], ascending=[False, False], na_position="last")
+    table = table.sort_values([RANKED_BY, "start_time"], ascending=[False, False], na_position="last")
     return table.reset_index(drop=True)
 
 

@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from monai.visualize import GradCAM
 
 from pipeline.data import resize_square
-from pipeline.metrics import new_figure, save_figure
+from pipeline.figures import new_figure, save_figure
 from pipeline.models import cam_target_layer
 
 WORST_ERRORS_FILE = "worst_errors.png"

@@ -13,6 +13,10 @@ they are counted per label with what the model predicted for them, and left out 
 metric. Metrics cover the known classes present; macro averages run over those classes only.
 The model's saved temperature rescales the probabilities for the calibration figures.
 
+This module keeps only what is particular to another dataset: the label mapping and the
+images of unknown classes. Predicting, metrics, figures, tables, report and MLflow logging are
+the one evaluation path of :mod:`pipeline.evaluator`, as for the test split.
+
 Outputs go to ``reports/external/<name>/`` and into the model's MLflow run under
 ``external/<name>`` with metrics named ``ext_<name>_<metric>``.
 """
@@ -22,35 +26,33 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from pipeline.config import DataParams, Params
-from pipeline.data import ProcessedImages, Split, load_index
-from pipeline.evaluate import code_and_run, log_evaluation, per_class_table, read_run_info
-from pipeline.explain import write_explanation_figures
-from pipeline.inference import load_model, pick_device, predict_logits
-from pipeline.layout import IMAGES_FILE, INDEX_FILE
-from pipeline.metrics import (
-    calibration_summary,
-    class_colors,
-    classification_metrics,
-    flat_metrics,
-    new_figure,
-    save_figure,
-    softmax,
-    write_figures,
+from pipeline.data import load_index
+from pipeline.evaluator import (
+    FIGURES_DIR,
+    UNKNOWN,
+    Evaluation,
+    Extra,
+    Images,
+    Target,
+    evaluate_images,
+    load_evaluated_model,
+    publish,
 )
-from pipeline.report import Section, split_phrase, write_report
+from pipeline.figures import figure_path, plot_unknown_predictions
+from pipeline.layout import IMAGES_FILE, INDEX_FILE, INGEST_SUMMARY_FILE
+from pipeline.metrics import EXTERNAL_PREFIX
+from pipeline.report import Section, split_phrase
 from pipeline.sources import resolve_label
 
 SPLITS = ("all", "train", "val", "test")
-UNKNOWN = "(unknown to the model)"
 UNKNOWN_FILE = "unknown.csv"
-REPORT_FILES = ("metrics.json", "per_class.csv", "predictions.csv", UNKNOWN_FILE, "report.html", "report.md")
 
 
 def safe_name(name: str) -> str:
@@ -69,7 +71,7 @@ def locate_dataset(dataset_dir: Path) -> tuple[Path, Path]:
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"--dataset {dataset_dir}: no such folder")
-    interim = next((d for d in (dataset_dir / "interim", dataset_dir) if (d / "ingest.json").is_file()), None)
+    interim = next((d for d in (dataset_dir / "interim", dataset_dir) if (d / INGEST_SUMMARY_FILE).is_file()), None)
     processed = next((d for d in (dataset_dir / "processed", dataset_dir) if (d / INDEX_FILE).is_file()), None)
     missing = []
     if interim is None:
@@ -151,24 +153,142 @@ def unknown_summary(labels: Sequence[str], predicted: Sequence[str], confidence:
     return table[columns].reset_index(drop=True)
 
 
-def plot_unknown_predictions(table: pd.DataFrame, classes: Sequence[str], path: Path) -> Path:
-    """Stacked horizontal bars: for each unknown label, how its images were classified."""
-    labels = list(dict.fromkeys(table["label"]))
-    fig = new_figure(8.0, max(2.4, 0.55 * len(labels) + 1.6))
-    ax = fig.add_subplot()
-    left = np.zeros(len(labels))
-    for cls, color in zip(classes, class_colors(len(classes)), strict=True):
-        counts = np.array([table[(table["label"] == lab) & (table["predicted"] == cls)]["images"].sum()
-                           for lab in labels], dtype=float)
-        if counts.any():
-            ax.barh(labels, counts, left=left, color=color, label=cls, edgecolor="white")
-            left += counts
-    ax.invert_yaxis()
-    ax.set_xlabel("Images")
-    ax.set_title("Classes the model does not know: what it predicted")
-    ax.legend(title="predicted", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    ax.grid(axis="x", alpha=0.3)
-    return save_figure(fig, path)
+def _selected(index: pd.DataFrame, split: str, processed_dir: Path) -> pd.DataFrame:
+    """The index rows of ``split`` ("all": every row)."""
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    selected = index if split == "all" else index[index["split"] == split]
+    if selected.empty:
+        present = ", ".join(sorted(set(index["split"]))) or "none"
+        raise ValueError(f"{processed_dir}: the {split} split of the external dataset is empty (splits there: "
+                         f"{present}); choose another --split")
+    return selected
+
+
+def mapped_images(processed_dir: Path, selected: pd.DataFrame, mapping: Mapping[str, str | None],
+                  classes: Sequence[str]) -> Images:
+    """The ``selected`` index rows as :class:`Images`, each label mapped to its model class (or unknown)."""
+    lookup = {cls: i for i, cls in enumerate(classes)}
+    labels = selected["label"].tolist()
+    y = np.array([-1 if mapping[label] is None else lookup[mapping[label]] for label in labels], dtype=np.int64)
+    if not (y >= 0).any():
+        raise ValueError(f"none of the {len(labels)} images of {processed_dir} has a class the model knows: labels "
+                         f"{sorted(set(labels))}, model classes {list(classes)}; map them with --map LABEL=CLASS")
+    # index.csv rows are images.npy rows
+    return Images(Path(processed_dir), selected.index.to_numpy(), selected["path"].tolist(), y, labels)
+
+
+def _unknown_table(evaluation: Evaluation) -> pd.DataFrame:
+    images = evaluation.images
+    unknown = ~images.known
+    return unknown_summary([lab for lab, u in zip(images.labels, unknown, strict=True) if u],
+                           [p for p, u in zip(evaluation.predicted, unknown, strict=True) if u],
+                           evaluation.calibrated[unknown].max(axis=1) if unknown.any() else np.empty(0))
+
+
+def _unknown_figure(unknown: pd.DataFrame, classes: Sequence[str], figures_dir: Path) -> dict[str, Path]:
+    """The unknown-classes figure, or none (and no stale file from an earlier run) when there are none."""
+    path = figure_path(figures_dir, "unknown_classes")
+    if len(unknown):
+        return {"unknown_classes": plot_unknown_predictions(unknown, classes, path)}
+    path.unlink(missing_ok=True)
+    return {}
+
+
+def _unknown_rows(unknown: pd.DataFrame) -> list[list]:
+    rows = []
+    for label in dict.fromkeys(unknown["label"]):
+        part = unknown[unknown["label"] == label]
+        mean = float((part["images"] * part["mean_probability"]).sum() / part["images"].sum())
+        rows.append([label, int(part["images"].sum()),
+                     ", ".join(f"{p} {n}" for p, n in zip(part["predicted"], part["images"], strict=True)),
+                     f"{mean:.3f}"])
+    return rows
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The external dataset being evaluated and how its labels map to the model's classes."""
+
+    name: str
+    folder: Path
+    split: str
+    mapping: dict[str, str | None]  # every label of the dataset -> model class, None: unknown to the model
+    label_map: dict[str, str | None]  # the --map part of it
+
+    @property
+    def dataset(self) -> str:
+        return f"external dataset {self.name}"
+
+    @property
+    def the_where(self) -> str:
+        """"the test split", or "all images (...)"."""
+        return split_phrase(self.split) if self.split == "all" else f"the {split_phrase(self.split)}"
+
+
+def _sections(source: _Source, counts: pd.Series, unknown: pd.DataFrame) -> tuple[Section, Section]:
+    mapping_section = Section(
+        "Label mapping",
+        f"How each label of the {source.dataset} maps to a model class; images in {source.the_where}.",
+        ["External label", "Model class", "Matched by", "Images"],
+        [[lab, t or UNKNOWN, _how(lab, t, source.label_map), int(counts.get(lab, 0))]
+         for lab, t in source.mapping.items()],
+    )
+    rows = _unknown_rows(unknown)
+    where = f"Source: {source.the_where} of the {source.dataset}."
+    unknown_section = Section(
+        "Images of classes the model does not know",
+        (f"{where} These images are left out of every metric above and below; the table shows what the model "
+         "predicted for them and its mean temperature-scaled probability for that prediction (a well-behaved "
+         "model is unsure here).") if rows
+        else f"{where} None: every label maps to a model class.",
+        ["External label", "Images", "Predicted as (images)", "Mean probability of the prediction"],
+        rows,
+    )
+    return mapping_section, unknown_section
+
+
+def _note(evaluation: Evaluation, source: _Source) -> str:
+    images = evaluation.images
+    n_known, n_unknown = int(images.known.sum()), int((~images.known).sum())
+    known_names = [evaluation.classes[c] for c in sorted(set(images.y[images.known].tolist()))]
+    unknown_labels = sorted({lab for lab, u in zip(images.labels, ~images.known, strict=True) if u})
+    return (
+        f"External validation: every number and figure in this report comes from {source.the_where} of the "
+        f"{source.dataset} ({source.folder}), not from the data the model was trained on. Metrics cover the "
+        f"{n_known:,} images of the {len(known_names)} model classes present ({', '.join(known_names)}); macro "
+        "averages run over these classes only. "
+        + (f"{n_unknown:,} images of classes the model does not know ({', '.join(unknown_labels)}) "
+           "are reported apart below and are not counted as errors."
+           if n_unknown else "Every image belongs to a class the model knows.")
+    )
+
+
+def _extra(evaluation: Evaluation, source: _Source, counts: pd.Series, figures_dir: Path) -> Extra:
+    """The unknown classes' table, figure and count, the label mapping and the note."""
+    unknown = _unknown_table(evaluation)
+    return Extra(
+        note=_note(evaluation, source),
+        sections=_sections(source, counts, unknown),
+        flat={"n_unknown": int((~evaluation.images.known).sum())},
+        tables={UNKNOWN_FILE: unknown.round({"share_of_label": 4, "mean_probability": 4})},
+        figures=_unknown_figure(unknown, evaluation.classes, figures_dir),
+    )
+
+
+def _target(source: _Source, ingest: dict, images: Images) -> Target:
+    n, n_unknown = len(images.y), int((~images.known).sum())
+    return Target(
+        dataset=source.dataset, split=source.split, title="External validation",
+        metric_prefix=f"{EXTERNAL_PREFIX}{source.name}_", artifact_path=f"external/{source.name}",
+        synthetic=bool(ingest.get("synthetic", False)),
+        provenance={
+            **ingest,
+            "external dataset folder": str(source.folder),
+            "images evaluated": f"{n:,} ({n - n_unknown:,} of known classes, {n_unknown:,} of unknown classes)",
+            "label mapping": "; ".join(f"{lab} → {t or UNKNOWN}" for lab, t in source.mapping.items()),
+        },
+    )
 
 
 def run_external_evaluate(
@@ -183,152 +303,18 @@ def run_external_evaluate(
 ) -> dict[str, float]:
     """Evaluate ``model_dir/model.pt`` on the external dataset in ``dataset_dir``; write
     ``reports_dir/external/<name>/`` and return the flat metrics of the known classes."""
-    if split not in SPLITS:
-        raise ValueError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    cfg = params.evaluate
     dataset_dir = Path(dataset_dir)
     name = safe_name(name or dataset_dir.resolve().name)
     interim_dir, processed_dir = locate_dataset(dataset_dir)
-    device = pick_device(params.train.device)
-    model, meta = load_model(Path(model_dir) / "model.pt", device)
-    classes = list(meta.classes)
-    label_map = dict(label_map or {})
-
     index = load_index(processed_dir)
-    mapping = resolve_mapping(index["label"], classes, label_map)
-    selected = index if split == "all" else index[index["split"] == split]
-    if selected.empty:
-        present = ", ".join(sorted(set(index["split"]))) or "none"
-        raise ValueError(f"{processed_dir}: the {split} split of the external dataset is empty (splits there: "
-                         f"{present}); choose another --split")
-    lookup = {cls: i for i, cls in enumerate(classes)}
-    labels = selected["label"].tolist()
-    targets = [mapping[label] for label in labels]
-    y_all = np.array([-1 if t is None else lookup[t] for t in targets], dtype=np.int64)
-    paths = selected["path"].tolist()
-    rows = selected.index.to_numpy()  # index.csv rows are images.npy rows
-    known = y_all >= 0
-    if not known.any():
-        raise ValueError(f"none of the {len(labels)} images of {dataset_dir} ({split}) has a class the model knows: "
-                         f"labels {sorted(set(labels))}, model classes {classes}; map them with --map LABEL=CLASS")
-
-    loader = DataLoader(ProcessedImages(processed_dir, Split(rows, np.where(known, y_all, 0), paths),
-                                        meta.image_size), batch_size=cfg.batch_size, num_workers=0)
-    logits, _ = predict_logits(model, loader, device)
-    temperature = meta.temperature_or_one
-    probs = softmax(logits)
-    calibrated = softmax(logits, temperature)
-    predicted = [classes[i] for i in probs.argmax(axis=1)]
-
-    y_known, logits_known, probs_known = y_all[known], logits[known], probs[known]
-    present = sorted(set(y_known.tolist()))
-    metrics = classification_metrics(y_known, probs_known, classes, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
-                                     macro_classes=present)
-    metrics["calibration"] = calibration_summary(y_known, logits_known, temperature)
-    metrics["per_class"] = {cls: entry for cls, entry in metrics["per_class"].items() if entry["support"] > 0}
-    flat = flat_metrics(metrics)
-    unknown_mask = ~known
-    flat["n_unknown"] = int(unknown_mask.sum())
+    selected = _selected(index, split, processed_dir)
+    model = load_evaluated_model(model_dir, params.train.device)
+    label_map = dict(label_map or {})
+    source = _Source(name, dataset_dir, split, resolve_mapping(index["label"], model.classes, label_map), label_map)
+    images = mapped_images(processed_dir, selected, source.mapping, model.classes)
+    evaluation = evaluate_images(model, images, params.evaluate, present_classes_only=True)
 
     out = Path(reports_dir) / "external" / name
-    figures_dir = out / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(figures_dir, y_known, probs_known, classes,
-                            y_prob_calibrated=calibrated[known])
-    figures.update(write_explanation_figures(
-        figures_dir, model=model, model_name=meta.model, image_size=meta.image_size,
-        images=np.load(processed_dir / IMAGES_FILE, mmap_mode="r"), rows=rows[known],
-        paths=[p for p, k in zip(paths, known, strict=True) if k], y_true=y_known, y_prob=probs_known,
-        classes=classes, n_worst=cfg.worst_errors, gradcam_per_class=cfg.gradcam_per_class, seed=cfg.seed,
-        device=device,
-    ))
-    unknown = unknown_summary([lab for lab, u in zip(labels, unknown_mask, strict=True) if u],
-                              [p for p, u in zip(predicted, unknown_mask, strict=True) if u],
-                              calibrated[unknown_mask].max(axis=1) if unknown_mask.any() else np.empty(0))
-    unknown_png = figures_dir / "unknown_classes.png"
-    if len(unknown):
-        figures["unknown_classes"] = plot_unknown_predictions(unknown, classes, unknown_png)
-    else:
-        unknown_png.unlink(missing_ok=True)
-
-    (out / "metrics.json").write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
-    per_class_table(metrics).to_csv(out / "per_class.csv", index=False)
-    predictions = pd.DataFrame({"path": paths, "actual": labels,
-                                "mapped": [UNKNOWN if t is None else t for t in targets], "predicted": predicted})
-    for i, cls in enumerate(classes):
-        predictions[f"p_{cls}"] = probs[:, i].round(6)
-    predictions.to_csv(out / "predictions.csv", index=False)
-    unknown.round({"share_of_label": 4, "mean_probability": 4}).to_csv(out / UNKNOWN_FILE, index=False)
-
-    ingest = json.loads((interim_dir / "ingest.json").read_text(encoding="utf-8"))
-    run_info = read_run_info(model_dir)
-    dataset = f"external dataset {name}"
-    where = split_phrase(split)
-    the_where = where if split == "all" else f"the {where}"
-    known_names = [classes[c] for c in present]
-    unknown_labels = sorted({lab for lab, t in mapping.items() if t is None and lab in set(labels)})
-    provenance = {
-        **ingest,
-        "dataset": dataset,
-        "split": split,
-        "external dataset folder": str(dataset_dir),
-        "images evaluated": f"{len(labels):,} ({int(known.sum()):,} of known classes, "
-                            f"{int(unknown_mask.sum()):,} of unknown classes)",
-        "label mapping": "; ".join(f"{lab} → {t or UNKNOWN}" for lab, t in mapping.items()),
-        **code_and_run(run_info),
-    }
-    note = (
-        f"External validation: every number and figure in this report comes from {the_where} of the {dataset} "
-        f"({dataset_dir}), not from the data the model was trained on. Metrics cover the {int(known.sum()):,} "
-        f"images of the {len(known_names)} model classes present ({', '.join(known_names)}); macro averages run "
-        f"over these classes only. "
-        + (f"{int(unknown_mask.sum()):,} images of classes the model does not know ({', '.join(unknown_labels)}) "
-           "are reported apart below and are not counted as errors."
-           if unknown_mask.any() else "Every image belongs to a class the model knows.")
-        + ("" if meta.calibrated else " The model carries no fitted temperature, so none is applied.")
-    )
-    counts = selected["label"].value_counts()
-    sections = [Section(
-        "Label mapping",
-        f"How each label of the {dataset} maps to a model class; images in {the_where}.",
-        ["External label", "Model class", "Matched by", "Images"],
-        [[lab, t or UNKNOWN, _how(lab, t, label_map), int(counts.get(lab, 0))] for lab, t in mapping.items()],
-    )]
-    unknown_rows = []
-    for lab in dict.fromkeys(unknown["label"]):
-        part = unknown[unknown["label"] == lab]
-        mean = float((part["images"] * part["mean_probability"]).sum() / part["images"].sum())
-        unknown_rows.append([lab, int(part["images"].sum()),
-                             ", ".join(f"{p} {n}" for p, n in zip(part["predicted"], part["images"], strict=True)),
-                             f"{mean:.3f}"])
-    sections.append(Section(
-        "Images of classes the model does not know",
-        (f"Source: {the_where} of the {dataset}. These images are left out of every metric above and below; the "
-         "table shows what the model predicted for them and its mean temperature-scaled probability for that "
-         "prediction (a well-behaved model is unsure here).") if unknown_rows
-        else f"Source: {the_where} of the {dataset}. None: every label maps to a model class.",
-        ["External label", "Images", "Predicted as (images)", "Mean probability of the prediction"],
-        unknown_rows,
-    ))
-    model_info = meta.summary()
-    model_info["classes"] = classes
-    if meta.calibrated:
-        model_info["temperature (fitted on the training data's val split)"] = round(temperature, 4)
-    else:
-        model_info["temperature"] = "none saved with the model; 1.0 used"
-    write_report(
-        out / "report.html",
-        out / "report.md",
-        title=f"External validation: {meta.model} on {dataset}, {where}",
-        synthetic=bool(ingest.get("synthetic", False)),
-        provenance=provenance,
-        model=model_info,
-        params=params.model_dump(mode="json"),
-        metrics=metrics,
-        figures=figures,
-        note=note,
-        sections=sections,
-    )
-    log_evaluation(run_info, flat, out, metric_prefix=f"ext_{name}_", artifact_path=f"external/{name}",
-                   files=REPORT_FILES)
-    return flat
+    extra = _extra(evaluation, source, selected["label"].value_counts(), out / FIGURES_DIR)
+    ingest = json.loads((interim_dir / INGEST_SUMMARY_FILE).read_text(encoding="utf-8"))
+    return publish(evaluation, model, _target(source, ingest, images), out, params, extra=extra)

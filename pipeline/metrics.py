@@ -1,8 +1,10 @@
-"""Classification metrics with bootstrap confidence intervals, calibration and figures.
+"""Classification metrics with bootstrap confidence intervals: the numbers of an evaluation.
 
-Everything here is a pure function of labels and probabilities: :mod:`pipeline.evaluate`
-predicts, then calls these. Figures are drawn with matplotlib's object API on the Agg
-canvas, so importing this module changes no global matplotlib state.
+Every metric is declared once, in :data:`METRICS`: its key, its label in the report, a short
+name, whether higher is better, whether it is per class, a sentence for the report's glossary
+and its formula. ``metrics.json``, ``per_class.csv``, MLflow keys, the report and
+``wbc compare`` all read that declaration, so adding a metric is one entry there (its formula
+reads the counts of :class:`Weighted`; a new kind of count is a new property there).
 
 Conventions:
 
@@ -12,7 +14,11 @@ Conventions:
   of a class with no positives, ...) is ``None``, never NaN, so that the result passes
   ``json.dumps(..., allow_nan=False)``.
 * Each metric is ``{"value": x, "ci_low": a, "ci_high": b}``: the point estimate and the
-  percentile bootstrap interval (95 %) over resamples of the evaluated images.
+  percentile bootstrap interval (:data:`CI_LEVEL`) over resamples of the evaluated images.
+
+One formula serves the point estimate and every resample: a formula reads the images under
+weights (:class:`Weighted`), 1 for the point estimate and, for a bootstrap resample, how often
+each image was drawn. The tests check each formula against scikit-learn with sample weights.
 """
 
 from __future__ import annotations
@@ -20,68 +26,29 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
-import pandas as pd
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from scipy.optimize import minimize_scalar
-from sklearn import metrics as skm
+
+from pipeline.calibration import ECE_BINS, check_predictions, nll_per_sample, weighted_ece
 
 CI_LEVEL = 0.95
-DPI = 110
-OVERALL_METRICS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "weighted_f1",
-    "cohen_kappa",
-    "mcc",
-    "log_loss",
-    "ece",
-)
-PER_CLASS_METRICS = ("precision", "recall", "specificity", "f1", "roc_auc", "average_precision")
 # One bootstrap chunk (images x resamples weights, about 4 MB of float64) stays cache-sized;
 # bigger chunks run slower, bound by memory bandwidth.
 _CHUNK_CELLS = 500_000
-_TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+# Keys of the flat metrics (metrics.json) in MLflow: <prefix><key>.
+TEST_PREFIX = "test_"  # the test split of the training data
+EXTERNAL_PREFIX = "ext_"  # an external dataset NAME: ext_NAME_<key>
 
 
 # ---------------------------------------------------------------------------
-# Input checks and small helpers
+# Images under weights: what every formula reads
 # ---------------------------------------------------------------------------
 
 
-def _check_inputs(y_true: np.ndarray, y_prob: np.ndarray, n_classes: int | None = None) -> tuple:
-    y_true = np.asarray(y_true)
-    y_prob = np.asarray(y_prob, dtype=np.float64)
-    if y_prob.ndim != 2 or y_prob.shape[1] < 2:
-        raise ValueError(f"y_prob must be an (n, K>=2) array, got shape {y_prob.shape}")
-    if n_classes is not None and y_prob.shape[1] != n_classes:
-        raise ValueError(f"y_prob has {y_prob.shape[1]} columns but there are {n_classes} classes")
-    if y_true.ndim != 1 or len(y_true) != len(y_prob):
-        raise ValueError(f"y_true must be 1-D with {len(y_prob)} entries, got shape {y_true.shape}")
-    if len(y_true) == 0:
-        raise ValueError("cannot compute metrics on zero samples")
-    if not np.issubdtype(y_true.dtype, np.integer):
-        raise ValueError(f"y_true must hold integer class indices, got dtype {y_true.dtype}")
-    if y_true.min() < 0 or y_true.max() >= y_prob.shape[1]:
-        raise ValueError(f"y_true holds indices outside 0..{y_prob.shape[1] - 1}")
-    if not np.all(np.isfinite(y_prob)):
-        raise ValueError("y_prob contains NaN or infinite values")
-    return y_true.astype(np.int64), y_prob
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """num / den, NaN where den == 0 (an undefined ratio, later reported as None)."""
     num, den = np.broadcast_arrays(np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64))
     out = np.full(num.shape, np.nan)
@@ -89,29 +56,12 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _percentile_ci(samples: np.ndarray) -> tuple[float | None, float | None]:
-    """Percentile interval over the resamples where the metric is defined."""
-    finite = samples[np.isfinite(samples)]
-    if finite.size == 0:
-        return None, None
-    tail = (1.0 - CI_LEVEL) / 2.0 * 100.0
-    low, high = np.percentile(finite, [tail, 100.0 - tail])
-    return float(low), float(high)
-
-
-def _with_ci(value: float | None, samples: np.ndarray) -> dict[str, float | None]:
-    value = _finite_or_none(value)
-    low, high = _percentile_ci(samples) if value is not None else (None, None)
-    return {"value": value, "ci_low": low, "ci_high": high}
-
-
-# ---------------------------------------------------------------------------
-# Metrics on weighted samples: a bootstrap resample is the original images with
-# integer weights (how often each was drawn), so one formula serves the point
-# estimate (weights 1) and every resample. Weights are (n, B): one column per
-# resample, so sorting by score gathers whole rows and cumulative sums run down
-# contiguous memory.
-# ---------------------------------------------------------------------------
+def _tie_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort order (descending score) and the start index of each run of equal scores."""
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    return order, starts
 
 
 def _weighted_confusion(weights: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
@@ -124,50 +74,6 @@ def _weighted_confusion(weights: np.ndarray, y_true: np.ndarray, y_pred: np.ndar
     # Summing contiguous row blocks beats a (B, n) x (n, K*K) product, which is memory-bound here.
     counts[ranked[starts]] = np.add.reduceat(weights[order], starts, axis=0)
     return counts.T.reshape(-1, k, k)
-
-
-def _confusion_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Overall and per-class scores from (B, K, K) confusion matrices (NaN where undefined)."""
-    total = cm.sum(axis=(1, 2))
-    tp = np.diagonal(cm, axis1=1, axis2=2)
-    support = cm.sum(axis=2)
-    predicted = cm.sum(axis=1)
-    fp, fn = predicted - tp, support - tp
-    tn = total[:, None] - tp - fp - fn
-    recall = _safe_divide(tp, support)
-    f1 = _safe_divide(2 * tp, 2 * tp + fp + fn)
-    # sklearn's conventions: averages run over the classes present (in y_true for
-    # balanced accuracy, in y_true or y_pred for macro F1); zero_division=0 elsewhere.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        balanced = np.nanmean(recall, axis=1)
-        macro_f1 = np.nanmean(f1, axis=1)
-    weighted_f1 = _safe_divide((np.nan_to_num(f1) * support).sum(axis=1), total)
-    expected = (support * predicted).sum(axis=1)
-    agree = tp.sum(axis=1)
-    kappa = _safe_divide(total * agree - expected, total**2 - expected)
-    mcc_den = np.sqrt((total**2 - (predicted**2).sum(axis=1)) * (total**2 - (support**2).sum(axis=1)))
-    mcc = np.nan_to_num(_safe_divide(agree * total - expected, mcc_den), nan=0.0)
-    return {
-        "accuracy": _safe_divide(agree, total),
-        "balanced_accuracy": balanced,
-        "macro_f1": macro_f1,
-        "weighted_f1": weighted_f1,
-        "cohen_kappa": kappa,
-        "mcc": mcc,
-        "precision": _safe_divide(tp, predicted),
-        "recall": recall,
-        "specificity": _safe_divide(tn, tn + fp),
-        "f1": f1,
-    }
-
-
-def _tie_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order (descending score) and the start index of each run of equal scores."""
-    order = np.argsort(-scores, kind="stable")
-    ranked = scores[order]
-    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
-    return order, starts
 
 
 def _weighted_auc_ap(weights: np.ndarray, positive: np.ndarray, ranking: tuple) -> tuple:
@@ -186,105 +92,262 @@ def _weighted_auc_ap(weights: np.ndarray, positive: np.ndarray, ranking: tuple) 
     n_pos, n_neg = tp[-1], fp[-1]
     # A positive beats every negative ranked below it (n_neg - fp) and ties count half.
     beaten = n_pos * n_neg - np.einsum("ij,ij->j", pos, fp - 0.5 * neg)
-    auc = _safe_divide(beaten, n_pos * n_neg)
+    auc = safe_divide(beaten, n_pos * n_neg)
     # Where nothing is ranked yet, no positive is either, so the 0/0 precision never counts.
     precision = tp / np.maximum(ranked, np.finfo(np.float64).tiny)
-    ap = _safe_divide(np.einsum("ij,ij->j", pos, precision), n_pos)
+    ap = safe_divide(np.einsum("ij,ij->j", pos, precision), n_pos)
     return auc, ap
 
 
-def _weighted_ece(weights: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray, n_bins: int) -> np.ndarray:
-    confidence = y_prob.max(axis=1)
-    gap = confidence - (y_prob.argmax(axis=1) == y_true)
-    bins = np.zeros((len(y_true), n_bins))
-    bins[np.arange(len(y_true)), _bin_index(confidence, n_bins)] = gap
-    return np.abs(bins.T @ weights).sum(axis=0) / weights.sum(axis=0)
+class Weighted:
+    """The evaluated images under B weightings (the columns of ``weights``, shape (n, B)).
+
+    Counts are (B, K) per class or (B,) overall, computed when first read. ``rankings`` (the
+    sorted scores of each class) may be passed in so that bootstrap chunks sort only once.
+    """
+
+    def __init__(self, weights: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray, rankings: list | None = None):
+        self.weights, self.y_true, self.y_prob = weights, y_true, y_prob
+        self.rankings = rankings or [_tie_groups(y_prob[:, c]) for c in range(y_prob.shape[1])]
+
+    @cached_property
+    def confusion(self) -> np.ndarray:
+        """(B, K, K) weighted confusion matrices, rows = true class."""
+        return _weighted_confusion(self.weights, self.y_true, self.y_prob.argmax(axis=1), self.y_prob.shape[1])
+
+    @cached_property
+    def tp(self) -> np.ndarray:
+        """Images of each class predicted as that class."""
+        return np.diagonal(self.confusion, axis1=1, axis2=2)
+
+    @cached_property
+    def support(self) -> np.ndarray:
+        """Images of each true class."""
+        return self.confusion.sum(axis=2)
+
+    @cached_property
+    def predicted(self) -> np.ndarray:
+        """Images predicted as each class."""
+        return self.confusion.sum(axis=1)
+
+    @property
+    def total(self) -> np.ndarray:
+        """All images, (B,)."""
+        return self.support.sum(axis=1)
+
+    @property
+    def fp(self) -> np.ndarray:
+        """Images of other classes predicted as each class."""
+        return self.predicted - self.tp
+
+    @property
+    def fn(self) -> np.ndarray:
+        """Images of each class predicted as another."""
+        return self.support - self.tp
+
+    @property
+    def tn(self) -> np.ndarray:
+        """Images of other classes not predicted as each class."""
+        return self.total[:, None] - self.tp - self.fp - self.fn
+
+    @cached_property
+    def recall(self) -> np.ndarray:
+        """Per-class recall (NaN for a class without images)."""
+        return safe_divide(self.tp, self.support)
+
+    @cached_property
+    def f1(self) -> np.ndarray:
+        """Per-class F1 (NaN for a class neither present nor predicted)."""
+        return safe_divide(2 * self.tp, 2 * self.tp + self.fp + self.fn)
+
+    @cached_property
+    def auc_ap(self) -> tuple[np.ndarray, np.ndarray]:
+        """One-vs-rest ROC AUC and average precision, each (B, K)."""
+        pairs = [_weighted_auc_ap(self.weights, self.y_true == c, ranking) for c, ranking in enumerate(self.rankings)]
+        return np.stack([auc for auc, _ in pairs], axis=1), np.stack([ap for _, ap in pairs], axis=1)
+
+    def image_mean(self, values: np.ndarray) -> np.ndarray:
+        """Weighted mean over the images of a per-image quantity, (B,)."""
+        return values @ self.weights / self.weights.sum(axis=0)
 
 
-def _nll_per_sample(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
-    eps = np.finfo(y_prob.dtype).eps
-    return -np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], eps, 1 - eps))
+# ---------------------------------------------------------------------------
+# Formulas: (B,) overall or (B, K) per class, NaN where undefined. Averages over
+# classes follow sklearn: over the classes present (in y_true for balanced
+# accuracy, in y_true or the predictions for macro F1); zero_division=0 elsewhere.
+# ---------------------------------------------------------------------------
 
 
-def _weighted_scores(
-    weights: np.ndarray, y_true: np.ndarray, y_prob: np.ndarray, rankings: list | None = None
-) -> dict[str, np.ndarray]:
-    """Every metric for each column of ``weights`` (n, B): overall (B,), per-class (B, K)."""
-    k = y_prob.shape[1]
-    y_pred = y_prob.argmax(axis=1)
-    rankings = rankings or [_tie_groups(y_prob[:, c]) for c in range(k)]
-    scores = _confusion_scores(_weighted_confusion(weights, y_true, y_pred, k))
-    scores["log_loss"] = _nll_per_sample(y_true, y_prob) @ weights / weights.sum(axis=0)
-    scores["ece"] = _weighted_ece(weights, y_true, y_prob, 15)
-    auc_ap = [_weighted_auc_ap(weights, y_true == c, rankings[c]) for c in range(k)]
-    scores["roc_auc"] = np.stack([auc for auc, _ in auc_ap], axis=1)
-    scores["average_precision"] = np.stack([ap for _, ap in auc_ap], axis=1)
+def _class_mean(values: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold no class at all
+        return np.nanmean(values, axis=1)
+
+
+def _agreement(s: Weighted) -> tuple[np.ndarray, np.ndarray]:
+    """Images on the diagonal and the chance-expected agreement times the total."""
+    return s.tp.sum(axis=1), (s.support * s.predicted).sum(axis=1)
+
+
+def _cohen_kappa(s: Weighted) -> np.ndarray:
+    agree, expected = _agreement(s)
+    return safe_divide(s.total * agree - expected, s.total**2 - expected)
+
+
+def _mcc(s: Weighted) -> np.ndarray:
+    agree, expected = _agreement(s)
+    total = s.total
+    den = np.sqrt((total**2 - (s.predicted**2).sum(axis=1)) * (total**2 - (s.support**2).sum(axis=1)))
+    return np.nan_to_num(safe_divide(agree * total - expected, den), nan=0.0)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric, declared once; everything that computes, stores or shows metrics reads it."""
+
+    key: str  # in metrics.json and MLflow (<key>, or <key>/<class> per class) and per_class.csv
+    label: str  # heading in the report
+    short: str  # in `wbc compare` headings and plot legends
+    per_class: bool  # one-vs-rest value per class, or one overall value
+    higher_is_better: bool
+    explanation: str  # the report's glossary
+    formula: Callable[[Weighted], np.ndarray]
+
+    @property
+    def heading(self) -> str:
+        """The label, marked when lower is better."""
+        return self.label if self.higher_is_better else f"{self.label} (lower is better)"
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("accuracy", "Accuracy", "accuracy", False, True,
+           "Share of images whose predicted class is the true class.",
+           lambda s: safe_divide(s.tp.sum(axis=1), s.total)),
+    Metric("balanced_accuracy", "Balanced accuracy (mean recall)", "balanced accuracy", False, True,
+           "Mean of the recalls of the classes present: each class counts the same, however many images it has.",
+           lambda s: _class_mean(s.recall)),
+    Metric("macro_f1", "Macro F1", "macro F1", False, True,
+           "Mean of the F1 of the classes present (true or predicted): each class counts the same.",
+           lambda s: _class_mean(s.f1)),
+    Metric("weighted_f1", "Weighted F1", "weighted F1", False, True,
+           "Mean of the per-class F1 weighted by each class's support.",
+           lambda s: safe_divide((np.nan_to_num(s.f1) * s.support).sum(axis=1), s.total)),
+    Metric("cohen_kappa", "Cohen's kappa", "kappa", False, True,
+           "Agreement with the true labels corrected for chance; 0 is chance, 1 perfect.",
+           _cohen_kappa),
+    Metric("mcc", "Matthews correlation (MCC)", "MCC", False, True,
+           "Correlation between true and predicted classes over all classes; 0 is chance, 1 perfect.",
+           _mcc),
+    Metric("log_loss", "Log loss", "log loss", False, False,
+           "Mean negative log of the probability given to the true class (raw, before temperature "
+           "scaling); confident mistakes cost most.",
+           lambda s: s.image_mean(nll_per_sample(s.y_true, s.y_prob))),
+    Metric("ece", "Expected calibration error", "ECE", False, False,
+           f"Mean gap between confidence and accuracy over {ECE_BINS} equal-width confidence bins, "
+           "weighted by the images in each (raw probabilities).",
+           lambda s: weighted_ece(s.weights, s.y_true, s.y_prob)),
+    Metric("precision", "Precision (PPV)", "precision", True, True,
+           "Share of cells labelled as a class that truly belong to it.",
+           lambda s: safe_divide(s.tp, s.predicted)),
+    Metric("recall", "Recall (sensitivity)", "recall", True, True,
+           "Share of cells of a class that the model labels as that class.",
+           lambda s: s.recall),
+    Metric("specificity", "Specificity", "specificity", True, True,
+           "Share of cells of all other classes that the model does not label as this class.",
+           lambda s: safe_divide(s.tn, s.tn + s.fp)),
+    Metric("f1", "F1", "F1", True, True,
+           "Harmonic mean of precision and recall.",
+           lambda s: s.f1),
+    Metric("roc_auc", "ROC AUC", "ROC AUC", True, True,
+           "Threshold-free one-vs-rest ranking quality from the predicted probability of the class: the "
+           "chance that an image of the class scores above an image of another class.",
+           lambda s: s.auc_ap[0]),
+    Metric("average_precision", "Average precision", "AP", True, True,
+           "Area under the one-vs-rest precision-recall curve; more telling than ROC AUC for rare classes.",
+           lambda s: s.auc_ap[1]),
+)
+
+
+def overall_metrics() -> tuple[Metric, ...]:
+    """The declared metrics with one value for all images, in declaration order."""
+    return tuple(m for m in METRICS if not m.per_class)
+
+
+def per_class_metrics() -> tuple[Metric, ...]:
+    """The declared one-vs-rest metrics with one value per class, in declaration order."""
+    return tuple(m for m in METRICS if m.per_class)
+
+
+def metric(key: str) -> Metric:
+    """The declared metric ``key``; a ``KeyError`` naming the declared ones otherwise."""
+    for declared in METRICS:
+        if declared.key == key:
+            return declared
+    raise KeyError(f"no metric {key!r}; declared: {', '.join(m.key for m in METRICS)}")
+
+
+def per_class_key(key: str, cls: str) -> str:
+    """Flat key of a per-class metric: ``recall/basophil``."""
+    return f"{key}/{cls}"
+
+
+def calibration_key(key: str) -> str:
+    """Flat key of a calibration quantity: ``calibration/ece_calibrated``."""
+    return f"calibration/{key}"
+
+
+# ---------------------------------------------------------------------------
+# Point estimates and bootstrap intervals
+# ---------------------------------------------------------------------------
+
+
+def _scores(sample: Weighted, macro_classes: list[int] | None) -> dict[str, np.ndarray]:
+    """Every declared metric under each weighting of ``sample``."""
+    scores = {m.key: m.formula(sample) for m in METRICS}
+    if macro_classes is not None:
+        scores["macro_f1"] = _class_mean(scores["f1"][:, macro_classes])
     return scores
 
 
-def _bootstrap(y_true: np.ndarray, y_prob: np.ndarray, n_bootstrap: int, seed: int) -> dict[str, np.ndarray]:
+def _bootstrap(y_true: np.ndarray, y_prob: np.ndarray, n_bootstrap: int, seed: int, rankings: list,
+               macro_classes: list[int] | None) -> dict[str, np.ndarray]:
     """Metrics over ``n_bootstrap`` resamples with replacement, computed in memory-bounded chunks."""
     n = len(y_true)
     rng = np.random.default_rng(seed)
     chunk = max(1, _CHUNK_CELLS // n)
-    rankings = [_tie_groups(y_prob[:, c]) for c in range(y_prob.shape[1])]
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, n_bootstrap, chunk):
         b = min(chunk, n_bootstrap - start)
         draws = rng.integers(0, n, size=(b, n))
         flat = (draws * b + np.arange(b)[:, None]).ravel()
         weights = np.bincount(flat, minlength=n * b).reshape(n, b).astype(np.float64)
-        parts.append(_weighted_scores(weights, y_true, y_prob, rankings))
+        parts.append(_scores(Weighted(weights, y_true, y_prob, rankings), macro_classes))
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-# ---------------------------------------------------------------------------
-# Point estimates (scikit-learn)
-# ---------------------------------------------------------------------------
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
-def _point_overall(y_true: np.ndarray, y_pred: np.ndarray, y_prob: np.ndarray) -> dict[str, float | None]:
-    labels = list(range(y_prob.shape[1]))
-    with warnings.catch_warnings():
-        # Undefined cases (a class never predicted, a single class) are handled by
-        # returning None; sklearn's warnings about them would only be noise.
-        warnings.simplefilter("ignore")
-        return {
-            "accuracy": skm.accuracy_score(y_true, y_pred),
-            "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
-            "macro_f1": skm.f1_score(y_true, y_pred, average="macro", zero_division=0),
-            "weighted_f1": skm.f1_score(y_true, y_pred, average="weighted", zero_division=0),
-            "cohen_kappa": skm.cohen_kappa_score(y_true, y_pred),
-            "mcc": skm.matthews_corrcoef(y_true, y_pred),
-            "log_loss": skm.log_loss(y_true, y_prob, labels=labels),
-            "ece": expected_calibration_error(y_true, y_prob),
-        }
+def _with_ci(value: float, samples: np.ndarray) -> dict[str, float | None]:
+    """Point value and percentile interval over the resamples where the metric is defined."""
+    point = _finite_or_none(value)
+    finite = samples[np.isfinite(samples)]
+    if point is None or finite.size == 0:
+        return {"value": point, "ci_low": None, "ci_high": None}
+    tail = (1.0 - CI_LEVEL) / 2.0 * 100.0
+    low, high = np.percentile(finite, [tail, 100.0 - tail])
+    return {"value": point, "ci_low": float(low), "ci_high": float(high)}
 
 
-def _point_per_class(y_true: np.ndarray, y_pred: np.ndarray, y_prob: np.ndarray, cm: np.ndarray) -> dict:
-    """Per-class point metrics, lists indexed by class; None where undefined."""
-    k = y_prob.shape[1]
-    labels = list(range(k))
-    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
-    present = (support + predicted) > 0
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    negatives = len(y_true) - support
-    specificity = _safe_divide(negatives - (predicted - tp), negatives)
-    out: dict[str, list] = {name: [] for name in PER_CLASS_METRICS}
-    for c in range(k):
-        positive = y_true == c
-        has_both = 0 < positive.sum() < len(y_true)
-        out["precision"].append(precision[c] if predicted[c] > 0 else None)
-        out["recall"].append(recall[c] if support[c] > 0 else None)
-        out["specificity"].append(specificity[c])
-        out["f1"].append(f1[c] if present[c] else None)
-        out["roc_auc"].append(skm.roc_auc_score(positive, y_prob[:, c]) if has_both else None)
-        out["average_precision"].append(
-            skm.average_precision_score(positive, y_prob[:, c]) if positive.any() else None
-        )
-    return out
+def _macro_choice(macro_classes: Sequence[int] | None, k: int) -> list[int] | None:
+    if macro_classes is None:
+        return None
+    chosen = sorted({int(c) for c in macro_classes})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= k:
+        raise ValueError(f"macro_classes must be class indices in 0..{k - 1}, got {list(macro_classes)}")
+    return chosen
 
 
 def classification_metrics(
@@ -296,48 +359,33 @@ def classification_metrics(
     seed: int = 0,
     macro_classes: Sequence[int] | None = None,
 ) -> dict:
-    """All evaluation metrics with percentile bootstrap 95 % intervals, as a JSON-ready dict.
+    """Every metric of :data:`METRICS` with percentile bootstrap intervals, as a JSON-ready dict.
 
     Macro F1 averages the classes present in ``y_true`` or the predictions (scikit-learn's
     convention); ``macro_classes`` (class indices) restricts it to those classes, e.g. to the
     classes an external dataset holds, so that a class it lacks does not count as a zero.
 
     Returns ``{"classes", "n", "n_bootstrap", "ci_level", "seed", "overall", "per_class",
-    "confusion_matrix"}`` where ``overall[name]`` and ``per_class[class][name]`` are
+    "confusion_matrix"}`` where ``overall[key]`` and ``per_class[class][key]`` are
     ``{"value", "ci_low", "ci_high"}`` (``None`` where undefined), ``overall["n"]`` and
     ``per_class[class]["support"]`` are counts and ``confusion_matrix`` is a list of rows
     (true class) of counts per predicted class, in ``classes`` order.
     """
     classes = [str(c) for c in classes]
-    y_true, y_prob = _check_inputs(y_true, y_prob, len(classes))
+    y_true, y_prob = check_predictions(y_true, y_prob, len(classes))
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    k = len(classes)
-    y_pred = y_prob.argmax(axis=1)
-    cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(k)))
-    overall_point = _point_overall(y_true, y_pred, y_prob)
-    class_point = _point_per_class(y_true, y_pred, y_prob, cm)
-    boot = _bootstrap(y_true, y_prob, n_bootstrap, seed) if n_bootstrap else {}
-    if macro_classes is not None:
-        chosen = sorted({int(c) for c in macro_classes})
-        if not chosen or chosen[0] < 0 or chosen[-1] >= k:
-            raise ValueError(f"macro_classes must be class indices in 0..{k - 1}, got {list(macro_classes)}")
-        defined = [class_point["f1"][c] for c in chosen if class_point["f1"][c] is not None]
-        overall_point["macro_f1"] = float(np.mean(defined)) if defined else None
-        if boot:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold none of them
-                boot["macro_f1"] = np.nanmean(boot["f1"][:, chosen], axis=1)
+    chosen = _macro_choice(macro_classes, len(classes))
+    images = Weighted(np.ones((len(y_true), 1)), y_true, y_prob)
+    point = {key: values[0] for key, values in _scores(images, chosen).items()}
+    boot = _bootstrap(y_true, y_prob, n_bootstrap, seed, images.rankings, chosen) if n_bootstrap else {}
     empty = np.empty(0)
-
-    overall: dict = {name: _with_ci(overall_point[name], boot.get(name, empty)) for name in OVERALL_METRICS}
+    overall: dict = {m.key: _with_ci(point[m.key], boot.get(m.key, empty)) for m in overall_metrics()}
     overall["n"] = len(y_true)
+    cm = np.rint(images.confusion[0]).astype(int)
     per_class: dict = {}
     for c, name in enumerate(classes):
-        entry = {
-            metric: _with_ci(class_point[metric][c], boot[metric][:, c] if boot else empty)
-            for metric in PER_CLASS_METRICS
-        }
+        entry = {m.key: _with_ci(point[m.key][c], boot[m.key][:, c] if boot else empty) for m in per_class_metrics()}
         entry["support"] = int(cm[c].sum())
         per_class[name] = entry
     return {
@@ -348,15 +396,15 @@ def classification_metrics(
         "seed": int(seed),
         "overall": overall,
         "per_class": per_class,
-        "confusion_matrix": cm.astype(int).tolist(),
+        "confusion_matrix": cm.tolist(),
     }
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
     """Headline numbers as one flat mapping for DVC ``metrics.json`` and MLflow.
 
-    Keys: each overall metric (``accuracy``, ``macro_f1``, ...), ``n``, ``<metric>/<class>``
-    for every per-class metric, and ``calibration/<key>`` when ``metrics`` has a
+    Keys: each overall metric (``accuracy``, ``macro_f1``, ...), ``n``, :func:`per_class_key`
+    for every per-class metric, and :func:`calibration_key` when ``metrics`` has a
     ``calibration`` section. Undefined (``None``) values are left out.
     """
     flat: dict[str, float] = {}
@@ -368,287 +416,11 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
         for name, entry in entries.items():
             value = entry["value"] if isinstance(entry, dict) else entry
             if value is not None:
-                flat[f"{name}/{cls}"] = value
+                flat[per_class_key(name, cls)] = value
     for name, value in metrics.get("calibration", {}).items():
         if isinstance(value, int | float) and math.isfinite(value):
-            flat[f"calibration/{name}"] = value
+            flat[calibration_key(name)] = value
     return flat
-
-
-# ---------------------------------------------------------------------------
-# Calibration
-# ---------------------------------------------------------------------------
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (numerically stable)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    """Equal-width bins (lo, hi] over [0, 1]; a confidence of exactly 0 joins the first bin."""
-    return np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-
-
-def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: sum over confidence bins of (bin share) x |accuracy - mean confidence|."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    ones = np.ones((len(y_true), 1))
-    return float(_weighted_ece(ones, y_true, y_prob, n_bins)[0])
-
-
-def _nll(logits: np.ndarray, y_true: np.ndarray, temperature: float) -> float:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return float(np.mean(log_norm - z[np.arange(len(y_true)), y_true]))
-
-
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
-    """Temperature T minimising the mean NLL of ``softmax(logits / T)``, within [0.05, 20].
-
-    The NLL is convex in 1/T, so a bounded scalar search on log T finds the optimum.
-    Fit it on validation logits and apply it to the test logits.
-    """
-    y_true, logits = _check_inputs(y_true, logits)
-    low, high = (math.log(t) for t in _TEMPERATURE_BOUNDS)
-    result = minimize_scalar(
-        lambda log_t: _nll(logits, y_true, math.exp(log_t)),
-        bounds=(low, high),
-        method="bounded",
-        options={"xatol": 1e-5},
-    )
-    return float(math.exp(result.x))
-
-
-def calibration_summary(
-    y_true: np.ndarray,
-    logits: np.ndarray,
-    temperature: float,
-    n_bins: int = 15,
-) -> dict[str, float]:
-    """ECE and log loss before and after temperature scaling, for ``metrics["calibration"]``."""
-    y_true, logits = _check_inputs(y_true, logits)
-    before, after = softmax(logits), softmax(logits, temperature)
-    return {
-        "temperature": float(temperature),
-        "ece": expected_calibration_error(y_true, before, n_bins),
-        "ece_calibrated": expected_calibration_error(y_true, after, n_bins),
-        "log_loss": float(_nll_per_sample(y_true, before).mean()),
-        "log_loss_calibrated": float(_nll_per_sample(y_true, after).mean()),
-    }
-
-
-# ---------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------
-
-
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_figure(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png", facecolor="white")
-    return path
-
-
-def class_colors(k: int) -> list:
-    cmap = colormaps["tab10" if k <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(k)]
-
-
-def plot_confusion_matrix(
-    cm: Sequence[Sequence[int]] | np.ndarray,
-    classes: Sequence[str],
-    path: Path,
-    *,
-    normalize: bool = False,
-    title: str | None = None,
-) -> Path:
-    """Heat map of the confusion matrix (rows = true class); ``normalize`` divides each row by its total."""
-    counts = np.asarray(cm, dtype=np.float64)
-    k = len(classes)
-    values = _safe_divide(counts, counts.sum(axis=1, keepdims=True)) if normalize else counts
-    size = max(4.5, 0.6 * k + 2.5)
-    fig = new_figure(size + 1.0, size)
-    ax = fig.add_subplot()
-    shown = np.nan_to_num(values)
-    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(1.0, shown.max()))
-    fig.colorbar(image, ax=ax, shrink=0.85, label="share of true class" if normalize else "images")
-    threshold = (1.0 if normalize else max(1.0, shown.max())) / 2
-    for i in range(k):
-        for j in range(k):
-            if normalize:
-                text = "–" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}"
-            else:
-                text = f"{int(counts[i, j])}"
-            ax.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=8 if k > 10 else 9,
-                color="white" if shown[i, j] > threshold else "black",
-            )
-    ax.set_xticks(range(k), labels=list(classes), rotation=45, ha="right")
-    ax.set_yticks(range(k), labels=list(classes))
-    ax.set_xlabel("Predicted class")
-    ax.set_ylabel("True class")
-    default = "Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"
-    ax.set_title(title or default)
-    return save_figure(fig, path)
-
-
-def _one_vs_rest_plot(
-    y_true: np.ndarray,
-    y_prob: np.ndarray,
-    classes: Sequence[str],
-    path: Path,
-    curve: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, str]],
-    axes: tuple[str, str, str],
-    diagonal: bool,
-) -> Path:
-    y_true, y_prob = _check_inputs(y_true, y_prob, len(classes))
-    # ROC points are joined by straight lines; a PR curve is a step function (as sklearn draws it).
-    drawstyle = "default" if diagonal else "steps-post"
-    fig = new_figure(7.5, 5.5)
-    ax = fig.add_subplot()
-    for c, (name, color) in enumerate(zip(classes, class_colors(len(classes)), strict=True)):
-        positive = y_true == c
-        if not positive.any() or (diagonal and positive.all()):
-            continue
-        x, y, label = curve(positive, y_prob[:, c])
-        ax.plot(x, y, color=color, lw=1.6, label=f"{name} ({label})", drawstyle=drawstyle)
-    if diagonal:
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
-    xlabel, ylabel, title = axes
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    else:
-        ax.text(0.5, 0.5, "No class has both positive and negative images", ha="center", va="center")
-    return save_figure(fig, path)
-
-
-def _roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    fpr, tpr, _ = skm.roc_curve(positive, scores)
-    return fpr, tpr, f"AUC {skm.roc_auc_score(positive, scores):.3f}"
-
-
-def _pr_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    precision, recall, _ = skm.precision_recall_curve(positive, scores)
-    return recall, precision, f"AP {skm.average_precision_score(positive, scores):.3f}"
-
-
-def plot_roc_curves(y_true: np.ndarray, y_prob: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    """One-vs-rest ROC curve per class (classes absent from ``y_true`` are skipped)."""
-    axes = ("False positive rate (1 − specificity)", "True positive rate (sensitivity)", "ROC, one-vs-rest")
-    return _one_vs_rest_plot(y_true, y_prob, classes, path, _roc_curve, axes, diagonal=True)
-
-
-def plot_pr_curves(y_true: np.ndarray, y_prob: np.ndarray, classes: Sequence[str], path: Path) -> Path:
-    """One-vs-rest precision-recall curve per class (classes absent from ``y_true`` are skipped)."""
-    axes = ("Recall (sensitivity)", "Precision (positive predictive value)", "Precision-recall, one-vs-rest")
-    return _one_vs_rest_plot(y_true, y_prob, classes, path, _pr_curve, axes, diagonal=False)
-
-
-def _reliability_bins(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int) -> tuple:
-    confidence = y_prob.max(axis=1)
-    correct = (y_prob.argmax(axis=1) == y_true).astype(np.float64)
-    index = _bin_index(confidence, n_bins)
-    count = np.bincount(index, minlength=n_bins)
-    accuracy = _safe_divide(np.bincount(index, correct, minlength=n_bins), count)
-    return accuracy, count
-
-
-def plot_reliability(
-    y_true: np.ndarray,
-    y_prob: np.ndarray,
-    path: Path,
-    *,
-    y_prob_calibrated: np.ndarray | None = None,
-    n_bins: int = 15,
-) -> Path:
-    """Reliability diagram (accuracy per confidence bin) with ECE, before and after temperature scaling."""
-    y_true, y_prob = _check_inputs(y_true, y_prob)
-    series = [("uncalibrated", y_prob, "#1f77b4")]
-    if y_prob_calibrated is not None:
-        series.append(("temperature-scaled", _check_inputs(y_true, y_prob_calibrated)[1], "#d62728"))
-    fig = new_figure(6.5, 6.5)
-    ax, hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    edges = np.linspace(0, 1, n_bins + 1)
-    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / n_bins
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    offset = width / (2 * len(series))
-    for i, (name, prob, color) in enumerate(series):
-        accuracy, count = _reliability_bins(y_true, prob, n_bins)
-        ece = expected_calibration_error(y_true, prob, n_bins)
-        shift = (i - (len(series) - 1) / 2) * offset * 2
-        filled = count > 0
-        ax.bar(
-            centres[filled] + shift,
-            accuracy[filled],
-            width=width / len(series),
-            color=color,
-            alpha=0.75,
-            edgecolor="white",
-            label=f"{name} (ECE {ece:.3f})",
-        )
-        hist.bar(centres + shift, count, width=width / len(series), color=color, alpha=0.75)
-    ax.set(
-        xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy in bin", title="Reliability diagram (top-label confidence)"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    hist.set(xlabel="Confidence (max predicted probability)", ylabel="Images")
-    hist.grid(alpha=0.3)
-    return save_figure(fig, path)
-
-
-def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
-    """Loss, validation accuracy / macro-F1 and learning rate per epoch from the training history."""
-    needed = {"epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"}
-    missing = needed - set(history.columns)
-    if missing:
-        raise ValueError(f"training history lacks columns {sorted(missing)}")
-    epoch = history["epoch"].to_numpy()
-    fig = new_figure(12, 3.8)
-    loss_ax, score_ax, lr_ax = fig.subplots(1, 3)
-    marker = "o" if len(epoch) <= 30 else None
-    loss_ax.plot(epoch, history["train_loss"], marker=marker, label="train")
-    loss_ax.plot(epoch, history["val_loss"], marker=marker, label="validation")
-    loss_ax.set(title="Loss", xlabel="Epoch", ylabel="Cross-entropy")
-    score_ax.plot(epoch, history["val_accuracy"], marker=marker, label="accuracy")
-    score_ax.plot(epoch, history["val_macro_f1"], marker=marker, label="macro F1")
-    f1 = history["val_macro_f1"].to_numpy(dtype=np.float64)
-    if np.isfinite(f1).any():
-        best = int(np.nanargmax(f1))
-        score_ax.axvline(
-            epoch[best], color="grey", ls=":", lw=1, label=f"best macro F1 (epoch {epoch[best]})"
-        )
-    score_ax.set(title="Validation scores", xlabel="Epoch", ylabel="Score", ylim=(0, 1.02))
-    lr_ax.plot(epoch, history["lr"], marker=marker, color="#2ca02c")
-    lr_ax.set(title="Learning rate", xlabel="Epoch", ylabel="LR")
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in (loss_ax, score_ax, lr_ax):
-        ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize=8)
-    score_ax.legend(fontsize=8, loc="lower right")
-    return save_figure(fig, path)
 
 
 def most_confused_pairs(
@@ -660,71 +432,3 @@ def most_confused_pairs(
     off = [cell for cell in off if cell[0] > 0]
     off.sort(key=lambda cell: (-cell[0], cell[1], cell[2]))
     return [(classes[i], classes[j], int(n)) for n, i, j in off[:top]]
-
-
-def plot_confused_pairs(
-    cm: Sequence[Sequence[int]] | np.ndarray,
-    classes: Sequence[str],
-    path: Path,
-    *,
-    top: int = 10,
-) -> Path:
-    """Horizontal bar chart of the most frequent errors, each bar "true → predicted"."""
-    pairs = most_confused_pairs(cm, classes, top)
-    support = np.asarray(cm).sum(axis=1)
-    index = {name: i for i, name in enumerate(classes)}
-    fig = new_figure(7.5, max(2.5, 0.42 * len(pairs) + 1.4))
-    ax = fig.add_subplot()
-    if not pairs:
-        ax.text(0.5, 0.5, "No misclassifications", ha="center", va="center", fontsize=12)
-        ax.set_axis_off()
-    else:
-        labels = [f"{t} → {p}" for t, p, _ in pairs][::-1]
-        counts = [n for _, _, n in pairs][::-1]
-        bars = ax.barh(labels, counts, color="#d62728", alpha=0.8)
-        shares = [n / support[index[t]] for t, _, n in pairs][::-1]
-        ax.bar_label(
-            bars,
-            labels=[f"{n} ({s:.0%} of true)" for n, s in zip(counts, shares, strict=True)],
-            padding=3,
-            fontsize=8,
-        )
-        ax.set_xlim(0, max(counts) * 1.3)
-        ax.set_xlabel("Misclassified images")
-        ax.grid(axis="x", alpha=0.3)
-    ax.set_title("Most confused class pairs (true → predicted)")
-    return save_figure(fig, path)
-
-
-def write_figures(
-    out_dir: Path,
-    y_true: np.ndarray,
-    y_prob: np.ndarray,
-    classes: Sequence[str],
-    *,
-    history: pd.DataFrame | None = None,
-    y_prob_calibrated: np.ndarray | None = None,
-) -> dict[str, Path]:
-    """Write every evaluation figure into ``out_dir``; returns {figure key: PNG path} for the report.
-
-    Keys and file names: confusion (confusion.png), confusion_normalized, roc, pr, reliability,
-    confused_pairs, and training_curves when ``history`` is given.
-    """
-    out_dir = Path(out_dir)
-    y_true, y_prob = _check_inputs(y_true, y_prob, len(classes))
-    cm = skm.confusion_matrix(y_true, y_prob.argmax(axis=1), labels=list(range(len(classes))))
-    figures = {
-        "confusion": plot_confusion_matrix(cm, classes, out_dir / "confusion.png"),
-        "confusion_normalized": plot_confusion_matrix(
-            cm, classes, out_dir / "confusion_normalized.png", normalize=True
-        ),
-        "roc": plot_roc_curves(y_true, y_prob, classes, out_dir / "roc.png"),
-        "pr": plot_pr_curves(y_true, y_prob, classes, out_dir / "pr.png"),
-        "reliability": plot_reliability(
-            y_true, y_prob, out_dir / "reliability.png", y_prob_calibrated=y_prob_calibrated
-        ),
-        "confused_pairs": plot_confused_pairs(cm, classes, out_dir / "confused_pairs.png"),
-    }
-    if history is not None and len(history):
-        figures["training_curves"] = plot_training_curves(history, out_dir / "training_curves.png")
-    return figures

@@ -33,11 +33,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.calibration import softmax
 from pipeline.config import IngestParams, Params, PredictParams
 from pipeline.imaging import ImageReadError, decode_rgb, model_pixels, to_chw
 from pipeline.inference import batch_logits, load_model, pick_device
 from pipeline.inspection import inspect_bytes
-from pipeline.metrics import softmax
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
 from pipeline.sources import walk_files

@@ -5,7 +5,8 @@ offline, can be attached to an MLflow run or mailed as one file. Every string th
 from data, params or the environment is HTML-escaped before it reaches the page.
 
 ``metrics`` is the dict from :func:`pipeline.metrics.classification_metrics`, optionally with
-a ``calibration`` section from :func:`pipeline.metrics.calibration_summary`.
+a ``calibration`` section from :func:`pipeline.calibration.calibration_summary`. Which metrics
+appear, their headings and their glossary entries come from :data:`pipeline.metrics.METRICS`.
 ``provenance`` needs ``dataset`` and ``split`` (where the numbers come from) and may carry the
 fields of ``ingest.json`` (root, counts, n_files, n_kept, n_rejected, rejected_by_reason,
 data_hash, classes) plus git_commit, git_dirty, mlflow_run_id, mlflow_experiment_id,
@@ -25,33 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.metrics import most_confused_pairs
+from pipeline.calibration import CALIBRATION_LABELS
+from pipeline.metrics import CI_LEVEL, metric, most_confused_pairs, overall_metrics, per_class_metrics
 
-OVERALL_LABELS = {
-    "accuracy": "Accuracy",
-    "balanced_accuracy": "Balanced accuracy (mean recall)",
-    "macro_f1": "Macro F1",
-    "weighted_f1": "Weighted F1",
-    "cohen_kappa": "Cohen's kappa",
-    "mcc": "Matthews correlation (MCC)",
-    "log_loss": "Log loss (lower is better)",
-    "ece": "Expected calibration error (lower is better)",
-}
-PER_CLASS_COLUMNS = (
-    ("precision", "Precision (PPV)"),
-    ("recall", "Recall (sensitivity)"),
-    ("specificity", "Specificity"),
-    ("f1", "F1"),
-    ("roc_auc", "ROC AUC"),
-    ("average_precision", "Average precision"),
-)
-CALIBRATION_LABELS = {
-    "temperature": "Fitted temperature T",
-    "ece": "ECE, raw probabilities",
-    "ece_calibrated": "ECE, temperature-scaled",
-    "log_loss": "Log loss, raw probabilities",
-    "log_loss_calibrated": "Log loss, temperature-scaled",
-}
+# The overall metrics shown as cards at the top, in this order.
+CARDS = ("macro_f1", "balanced_accuracy", "accuracy", "cohen_kappa")
 FIGURE_CAPTIONS = {
     "confusion": "Confusion matrix (counts). Rows are the true class, columns the predicted class.",
     "confusion_normalized": (
@@ -82,6 +61,10 @@ FIGURE_CAPTIONS = {
         "regions that raise the score of the predicted class (red = most influence); the title gives the "
         "predicted class and its probability, green if correct, red if wrong."
     ),
+    "unknown_classes": (
+        "Images whose label is no class of the model: what the model predicted for them. They are left out "
+        "of every metric."
+    ),
 }
 # Figures that do not come from the evaluated split.
 FIGURE_SOURCES = {"training_curves": "train and validation splits"}
@@ -100,6 +83,23 @@ class Section:
     text: str
     header: Sequence[str] = ()
     rows: Sequence[Sequence[object]] = ()
+
+
+@dataclass(frozen=True)
+class _Page:
+    """Everything one report shows (the arguments of :func:`write_report`)."""
+
+    title: str
+    synthetic: bool
+    provenance: Mapping
+    model: Mapping
+    params: Mapping
+    metrics: Mapping
+    figures: Mapping[str, Path]
+    note: str
+    sections: tuple[Section, ...]
+    temperature_fitted: bool
+
 
 CSS = """
 :root { --ink:#1d2330; --muted:#5b6475; --line:#d9dee7; --soft:#f4f6fa; --accent:#1f5fae; --warn:#a4161a; }
@@ -141,24 +141,10 @@ footer { margin-top:40px; color:var(--muted); font-size:12px; }
                figure { break-inside:avoid; } }
 """
 
-GLOSSARY = (
-    ("Recall (sensitivity)", "Share of cells of a class that the model labels as that class."),
-    ("Precision (PPV)", "Share of cells labelled as a class that truly belong to it."),
-    ("Specificity", "Share of cells of all other classes that the model does not label as this class."),
+# Glossary entries besides the metrics' own (see _glossary); "{ci}" becomes e.g. "95% CI".
+GLOSSARY_EXTRA = (
     (
-        "F1",
-        "Harmonic mean of precision and recall. Macro F1 averages the classes equally; weighted F1 "
-        "weights them by support.",
-    ),
-    (
-        "ROC AUC / average precision",
-        "Threshold-free one-vs-rest ranking quality from the predicted "
-        "probability of the class; average precision is the area under the precision-recall curve.",
-    ),
-    ("Cohen's kappa / MCC", "Agreement with the true labels corrected for chance; 0 is chance, 1 perfect."),
-    ("ECE", "Expected calibration error: mean gap between confidence and accuracy over 15 confidence bins."),
-    (
-        "95% CI",
+        "{ci}",
         "Percentile bootstrap interval: the evaluated images are resampled with replacement and "
         "each metric recomputed; resamples in which a metric is undefined are left out.",
     ),
@@ -195,6 +181,18 @@ def _ci_text(entry: Mapping) -> str:
     return f"{_number(entry['ci_low'])}–{_number(entry['ci_high'])}"
 
 
+def _ci_label(metrics: Mapping) -> str:
+    """``95% CI`` for the interval level the metrics were computed at."""
+    return f"{round(100 * metrics.get('ci_level', CI_LEVEL))}% CI"
+
+
+def _glossary(metrics: Mapping) -> list[tuple[str, str]]:
+    """(term, meaning): every declared metric, then the interval and n/a."""
+    ci = _ci_label(metrics)
+    declared = [(m.label, m.explanation) for m in (*overall_metrics(), *per_class_metrics())]
+    return declared + [(term.format(ci=ci), text) for term, text in GLOSSARY_EXTRA]
+
+
 def _display_title(title: str, synthetic: bool) -> str:
     if synthetic and "SYNTHETIC DATA" not in title:
         return f"{title} — SYNTHETIC DATA"
@@ -210,18 +208,22 @@ def split_phrase(split: object) -> str:
 
 def _source_line(provenance: Mapping, metrics: Mapping) -> str:
     """Plain-text statement of where the numbers come from (escaped by the caller)."""
-    dataset = provenance.get("dataset", "unnamed dataset")
+    return f"{_where(provenance)}, n = {metrics['n']:,} images"
+
+
+def _where(provenance: Mapping) -> str:
+    """"test split of PBC" (with the site when there is one): where the numbers come from."""
     split = split_phrase(provenance.get("split", "unnamed"))
-    return f"{split} of {dataset}, n = {metrics['n']:,} images"
+    site = f" (site {provenance['site']})" if provenance.get("site") else ""
+    return f"{split} of {provenance.get('dataset', 'unnamed dataset')}{site}"
 
 
 def _ci_note(metrics: Mapping) -> str:
     if not metrics.get("n_bootstrap"):
         return "No bootstrap intervals were computed."
-    level = round(100 * metrics.get("ci_level", 0.95))
     return (
-        f"{level}% percentile bootstrap intervals over {metrics['n_bootstrap']:,} resamples "
-        f"(seed {metrics.get('seed', 0)})."
+        f"{_ci_label(metrics).removesuffix(' CI')} percentile bootstrap intervals over {metrics['n_bootstrap']:,} "
+        f"resamples (seed {metrics.get('seed', 0)})."
     )
 
 
@@ -262,6 +264,7 @@ def _provenance_rows(provenance: Mapping, synthetic: bool) -> list[tuple[str, st
     known = {
         "dataset": "Dataset",
         "split": "Evaluated split",
+        "site": "Site",
         "root": "Dataset root",
         "data_hash": "Data hash (sha256 of kept path, label, file hash)",
         "n_files": "Files found",
@@ -305,17 +308,17 @@ def _html_metric_cell(entry: Mapping) -> str:
     return f'<td class="num">{_number(entry["value"])}{ci_html}</td>'
 
 
-def _html_cards(overall: Mapping) -> str:
+def _html_cards(metrics: Mapping) -> str:
     cards = []
-    for key in ("macro_f1", "balanced_accuracy", "accuracy", "cohen_kappa"):
-        entry = overall.get(key)
+    for key in CARDS:
+        entry = metrics["overall"].get(key)
         if not isinstance(entry, Mapping):
             continue
         ci = _ci_text(entry)
         cards.append(
-            f'<div class="card"><div class="label">{_esc(OVERALL_LABELS[key])}</div>'
+            f'<div class="card"><div class="label">{_esc(metric(key).label)}</div>'
             f'<div class="value">{_number(entry.get("value"))}</div>'
-            f'<div class="ci">{"95% CI " + _esc(ci) if ci else "&nbsp;"}</div></div>'
+            f'<div class="ci">{_esc(_ci_label(metrics) + " " + ci) if ci else "&nbsp;"}</div></div>'
         )
     return f'<div class="cards">{"".join(cards)}</div>'
 
@@ -323,27 +326,27 @@ def _html_cards(overall: Mapping) -> str:
 def _html_headline(metrics: Mapping, source: str) -> str:
     overall = metrics["overall"]
     rows = []
-    for key, label in OVERALL_LABELS.items():
-        if isinstance(overall.get(key), Mapping):
-            rows.append(f"<tr><th>{_esc(label)}</th>{_html_metric_cell(overall[key])}</tr>")
+    for m in overall_metrics():
+        if isinstance(overall.get(m.key), Mapping):
+            rows.append(f"<tr><th>{_esc(m.heading)}</th>{_html_metric_cell(overall[m.key])}</tr>")
     return (
         "<h2>Headline metrics</h2>"
         f'<p class="source">Source: {_esc(source)}. {_esc(_ci_note(metrics))}</p>'
-        f"{_html_cards(overall)}"
-        '<table><thead><tr><th>Metric</th><th class="num">Value<br><span class="ci">95% CI</span></th>'
+        f"{_html_cards(metrics)}"
+        f'<table><thead><tr><th>Metric</th><th class="num">Value<br><span class="ci">{_ci_label(metrics)}</span></th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
 def _html_per_class(metrics: Mapping, source: str) -> str:
-    head = "".join(f'<th class="num">{_esc(label)}</th>' for _, label in PER_CLASS_COLUMNS)
+    head = "".join(f'<th class="num">{_esc(m.heading)}</th>' for m in per_class_metrics())
     rows = []
     for name, entry in metrics["per_class"].items():
-        cells = "".join(_html_metric_cell(entry[key]) for key, _ in PER_CLASS_COLUMNS)
+        cells = "".join(_html_metric_cell(entry[m.key]) for m in per_class_metrics())
         rows.append(f'<tr><th>{_esc(name)}</th><td class="num">{entry["support"]:,}</td>{cells}</tr>')
     return (
         "<h2>Per-class metrics</h2>"
-        f'<p class="source">Source: {_esc(source)}. One-vs-rest; value with 95% CI below it. '
+        f'<p class="source">Source: {_esc(source)}. One-vs-rest; value with {_ci_label(metrics)} below it. '
         "Support is the number of images of the class in the split.</p>"
         f'<div class="wide"><table><thead><tr><th>Class</th><th class="num">Support</th>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
@@ -392,16 +395,22 @@ def _html_section(section: Section) -> str:
     return f'<h2>{_esc(section.title)}</h2><p class="source">{_esc(section.text)}</p>{table}'
 
 
-def _html_calibration(metrics: Mapping, source: str) -> str:
+def _temperature_text(temperature_fitted: bool) -> str:
+    if temperature_fitted:
+        return ("The temperature is fitted on the validation split of the training data (and saved with the "
+                "model) and applied to these images; it rescales confidence without changing any prediction.")
+    return ("The model was saved without a fitted temperature, so T = 1.0 is applied: the temperature-scaled "
+            "numbers equal the raw ones.")
+
+
+def _html_calibration(metrics: Mapping, source: str, temperature_fitted: bool) -> str:
     calibration = metrics.get("calibration")
     if not isinstance(calibration, Mapping):
         return ""
     rows = [(CALIBRATION_LABELS.get(k, k), _number(v, 4)) for k, v in calibration.items()]
     return (
         "<h2>Calibration</h2>"
-        f'<p class="source">Source: {_esc(source)}. The temperature is fitted on the validation split '
-        "of the training data (and saved with the model) and applied to these images; it rescales "
-        "confidence without changing any prediction.</p>"
+        f'<p class="source">Source: {_esc(source)}. {_esc(_temperature_text(temperature_fitted))}</p>'
         f"{_html_kv_table(rows)}"
     )
 
@@ -420,8 +429,9 @@ def _ordered_figures(figures: Mapping[str, Path]) -> list[tuple[str, Path]]:
 
 def _figure_caption(key: str, provenance: Mapping) -> str:
     caption = FIGURE_CAPTIONS.get(key, key.replace("_", " ").capitalize() + ".")
-    split = FIGURE_SOURCES.get(key, split_phrase(provenance.get("split", "unnamed")))
-    return f"{caption} Source: {split} of {provenance.get('dataset', 'unnamed dataset')}."
+    if key in FIGURE_SOURCES:
+        return f"{caption} Source: {FIGURE_SOURCES[key]} of {provenance.get('dataset', 'unnamed dataset')}."
+    return f"{caption} Source: {_where(provenance)}."
 
 
 def _html_figures(figures: Mapping[str, Path], provenance: Mapping) -> str:
@@ -456,8 +466,8 @@ def _html_repro(provenance: Mapping) -> str:
     return "<h2>Reproducibility</h2>" + f"<table>{''.join(rows)}</table>"
 
 
-def _html_glossary() -> str:
-    items = "".join(f"<dt>{_esc(term)}</dt><dd>{_esc(text)}</dd>" for term, text in GLOSSARY)
+def _html_glossary(metrics: Mapping) -> str:
+    items = "".join(f"<dt>{_esc(term)}</dt><dd>{_esc(text)}</dd>" for term, text in _glossary(metrics))
     return f'<h2>How to read the numbers</h2><dl class="glossary">{items}</dl>'
 
 
@@ -466,43 +476,33 @@ def _jsonable(value: object) -> object:
     return json.loads(json.dumps(value, default=str))
 
 
-def _render_html(
-    title: str,
-    synthetic: bool,
-    provenance: Mapping,
-    model: Mapping,
-    params: Mapping,
-    metrics: Mapping,
-    figures: Mapping[str, Path],
-    note: str = "",
-    extra: Sequence[Section] = (),
-) -> str:
-    source = _source_line(provenance, metrics)
+def _render_html(page: _Page) -> str:
+    source = _source_line(page.provenance, page.metrics)
     banner = (
         '<div class="banner">SYNTHETIC DATA: these images were generated by the pipeline, not taken from '
         "patients. The numbers test the software only and say nothing about diagnostic performance.</div>"
-        if synthetic
+        if page.synthetic
         else ""
     )
-    created = provenance.get("created") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    note_html = f'<p class="note">{_esc(note)}</p>' if note else ""
+    created = page.provenance.get("created") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    note_html = f'<p class="note">{_esc(page.note)}</p>' if page.note else ""
     sections = [
-        _html_headline(metrics, source),
-        _html_per_class(metrics, source),
-        *(_html_section(section) for section in extra),
-        _html_confusion(metrics, source),
-        _html_calibration(metrics, source),
-        _html_figures(figures, provenance),
-        "<h2>Data provenance</h2>" + _html_kv_table(_provenance_rows(provenance, synthetic)),
-        _html_model(model, params),
-        _html_repro(provenance),
-        _html_glossary(),
+        _html_headline(page.metrics, source),
+        _html_per_class(page.metrics, source),
+        *(_html_section(section) for section in page.sections),
+        _html_confusion(page.metrics, source),
+        _html_calibration(page.metrics, source, page.temperature_fitted),
+        _html_figures(page.figures, page.provenance),
+        "<h2>Data provenance</h2>" + _html_kv_table(_provenance_rows(page.provenance, page.synthetic)),
+        _html_model(page.model, page.params),
+        _html_repro(page.provenance),
+        _html_glossary(page.metrics),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{CSS}</style></head>"
-        f"<body><main><h1>{_esc(title)}</h1>"
+        f"<title>{_esc(page.title)}</title><style>{CSS}</style></head>"
+        f"<body><main><h1>{_esc(page.title)}</h1>"
         f'<p class="source">All metrics: {_esc(source)} · report created {_esc(created)}</p>'
         f"{banner}{note_html}{''.join(sections)}"
         "<footer>Generated by the wbc pipeline evaluate stage.</footer></main></body></html>\n"
@@ -535,75 +535,90 @@ def _md_metric(entry: Mapping) -> str:
     return f"{_number(entry['value'])} ({ci})" if ci else _number(entry["value"])
 
 
-def _render_md(
-    title: str,
-    synthetic: bool,
-    provenance: Mapping,
-    model: Mapping,
-    params: Mapping,
-    metrics: Mapping,
-    figures: Mapping[str, Path],
-    out_md: Path,
-    note: str = "",
-    extra: Sequence[Section] = (),
-) -> str:
-    source = _source_line(provenance, metrics)
-    lines = [f"# {_md_cell(title)}", ""]
-    if synthetic:
-        lines += [
-            "> **SYNTHETIC DATA**: generated images, not patient data; these numbers test the software only.",
-            "",
-        ]
-    lines += [f"All metrics: {_md_cell(source)}. {_ci_note(metrics)}", ""]
-    if note:
-        lines += [_md_cell(note), ""]
-    lines += ["## Headline metrics", ""]
+def _md_metrics(metrics: Mapping) -> list[str]:
     overall = metrics["overall"]
+    lines = ["## Headline metrics", ""]
     lines += _md_table(
-        ["Metric", "Value (95% CI)"],
-        ([label, _md_metric(overall[key])] for key, label in OVERALL_LABELS.items() if key in overall),
+        ["Metric", f"Value ({_ci_label(metrics)})"],
+        ([m.heading, _md_metric(overall[m.key])] for m in overall_metrics() if m.key in overall),
     )
     lines += ["", "## Per-class metrics", ""]
-    header = ["Class", "Support"] + [label for _, label in PER_CLASS_COLUMNS]
     lines += _md_table(
-        header,
+        ["Class", "Support"] + [m.heading for m in per_class_metrics()],
         (
-            [_md_cell(name), f"{entry['support']:,}"]
-            + [_md_metric(entry[key]) for key, _ in PER_CLASS_COLUMNS]
+            [_md_cell(name), f"{entry['support']:,}"] + [_md_metric(entry[m.key]) for m in per_class_metrics()]
             for name, entry in metrics["per_class"].items()
         ),
     )
-    for section in extra:
+    return lines
+
+
+def _md_sections(sections: Sequence[Section]) -> list[str]:
+    lines = []
+    for section in sections:
         lines += ["", f"## {_md_cell(section.title)}", "", _md_cell(section.text)]
         if section.rows:
             lines += [""] + _md_table(
                 [_md_cell(h) for h in section.header],
                 ([_md_cell(_plain(v)) for v in row] for row in section.rows),
             )
+    return lines
+
+
+def _md_calibration(metrics: Mapping, temperature_fitted: bool) -> list[str]:
     calibration = metrics.get("calibration")
-    if isinstance(calibration, Mapping):
-        lines += ["", "## Calibration", ""]
-        lines += _md_table(
-            ["Quantity", "Value"],
-            ([CALIBRATION_LABELS.get(k, _md_cell(k)), _number(v, 4)] for k, v in calibration.items()),
-        )
-    if figures:
-        lines += ["", "## Figures", ""]
-        for key, path in _ordered_figures(figures):
-            link = Path(os.path.relpath(Path(path).resolve(), out_md.resolve().parent)).as_posix()
-            lines.append(f"- [{_md_cell(_figure_caption(key, provenance))}]({link})")
-    lines += ["", "## Data provenance", ""]
+    if not isinstance(calibration, Mapping):
+        return []
+    lines = ["", "## Calibration", "", _temperature_text(temperature_fitted), ""]
+    return lines + _md_table(
+        ["Quantity", "Value"],
+        ([CALIBRATION_LABELS.get(k, _md_cell(k)), _number(v, 4)] for k, v in calibration.items()),
+    )
+
+
+def _md_figures(figures: Mapping[str, Path], provenance: Mapping, out_md: Path) -> list[str]:
+    if not figures:
+        return []
+    lines = ["", "## Figures", ""]
+    for key, path in _ordered_figures(figures):
+        link = Path(os.path.relpath(Path(path).resolve(), out_md.resolve().parent)).as_posix()
+        lines.append(f"- [{_md_cell(_figure_caption(key, provenance))}]({link})")
+    return lines
+
+
+def _md_about(page: _Page) -> list[str]:
+    """Provenance, model, parameters and reproducibility."""
+    lines = ["", "## Data provenance", ""]
     lines += _md_table(
-        ["Item", "Value"], ([_md_cell(k), _md_cell(v)] for k, v in _provenance_rows(provenance, synthetic))
+        ["Item", "Value"], ([_md_cell(k), _md_cell(v)] for k, v in _provenance_rows(page.provenance, page.synthetic))
     )
     lines += ["", "## Model", ""]
-    lines += _md_table(["Item", "Value"], ([_md_cell(k), _md_cell(_plain(v))] for k, v in model.items()))
-    params_yaml = yaml.safe_dump(_jsonable(params), sort_keys=False, allow_unicode=True).strip()
+    lines += _md_table(["Item", "Value"], ([_md_cell(k), _md_cell(_plain(v))] for k, v in page.model.items()))
+    params_yaml = yaml.safe_dump(_jsonable(page.params), sort_keys=False, allow_unicode=True).strip()
     # A fence longer than any backtick run inside keeps the block closed whatever the values hold.
     fence = "`" * max(3, _longest_backtick_run(params_yaml) + 1)
     lines += ["", "## Parameters", "", f"{fence}yaml", params_yaml, fence]
     lines += ["", "## Reproducibility", ""]
-    lines += _md_table(["Item", "Value"], ([_md_cell(k), _md_cell(v)] for k, v in _repro_rows(provenance)))
+    lines += _md_table(["Item", "Value"], ([_md_cell(k), _md_cell(v)] for k, v in _repro_rows(page.provenance)))
+    return lines
+
+
+def _render_md(page: _Page, out_md: Path) -> str:
+    source = _source_line(page.provenance, page.metrics)
+    lines = [f"# {_md_cell(page.title)}", ""]
+    if page.synthetic:
+        lines += [
+            "> **SYNTHETIC DATA**: generated images, not patient data; these numbers test the software only.",
+            "",
+        ]
+    lines += [f"All metrics: {_md_cell(source)}. {_ci_note(page.metrics)}", ""]
+    if page.note:
+        lines += [_md_cell(page.note), ""]
+    lines += _md_metrics(page.metrics)
+    lines += _md_sections(page.sections)
+    lines += _md_calibration(page.metrics, page.temperature_fitted)
+    lines += _md_figures(page.figures, page.provenance, out_md)
+    lines += _md_about(page)
     return "\n".join(lines) + "\n"
 
 
@@ -620,6 +635,7 @@ def write_report(
     figures: dict[str, Path],
     note: str = "",
     sections: Sequence[Section] = (),
+    temperature_fitted: bool = True,
 ) -> None:
     """Write the self-contained HTML report and its Markdown summary.
 
@@ -627,11 +643,11 @@ def write_report(
     caption) to a PNG or JPEG file, embedded in the HTML and linked from the Markdown.
     When ``synthetic`` is true, the title says so and a banner warns the reader.
     ``note`` is a paragraph under the title; ``sections`` follow the per-class metrics.
+    ``temperature_fitted`` false says that the model carries no temperature (1.0 applied).
     """
     out_html, out_md = Path(out_html), Path(out_md)
-    title = _display_title(title, synthetic)
-    page = _render_html(title, synthetic, provenance, model, params, metrics, figures, note, sections)
-    summary = _render_md(title, synthetic, provenance, model, params, metrics, figures, out_md, note, sections)
-    for path, text in ((out_html, page), (out_md, summary)):
+    page = _Page(_display_title(title, synthetic), synthetic, provenance, model, params, metrics, figures, note,
+                 tuple(sections), temperature_fitted)
+    for path, text in ((out_html, _render_html(page)), (out_md, _render_md(page, out_md))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Weig
 
 from pipeline import tracking
 from pipeline.augment import load_policy
+from pipeline.calibration import fit_temperature
 from pipeline.config import Params
 from pipeline.data import EpochSampler, ProcessedImages, load_index, select_split
 from pipeline.inference import autocast, pick_device, predict_logits, save_model
 from pipeline.layout import IMAGES_FILE
-from pipeline.metrics import fit_temperature
 from pipeline.model_meta import ModelMeta
 from pipeline.models import build_classifier, get_backbone, head_parameters
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from pipeline import metrics
+from pipeline import calibration, figures, metrics
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte", "neutrophil"]
 
@@ -22,7 +22,7 @@ def _fake_predictions(n: int, k: int, seed: int = 0, signal: float = 2.0) -> tup
     y_true = rng.integers(0, k, n)
     logits = rng.normal(size=(n, k))
     logits[np.arange(n), y_true] += signal
-    return y_true, metrics.softmax(logits)
+    return y_true, calibration.softmax(logits)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_weighted_engine_matches_sklearn_sample_weights():
     y_true, y_prob = _fake_predictions(200, 4, seed=3)
     y_prob = np.round(y_prob, 1)  # many tied scores
     weights = rng.integers(0, 3, size=(200, 5)).astype(float)
-    scores = metrics._weighted_scores(weights, y_true, y_prob)
+    scores = metrics._scores(metrics.Weighted(weights, y_true, y_prob), None)
     y_pred = y_prob.argmax(axis=1)
     for b in range(weights.shape[1]):
         w = weights[:, b]
@@ -192,13 +192,13 @@ def test_flat_metrics_leaves_out_undefined():
 
 def test_softmax():
     logits = np.array([[1.0, 2.0, 3.0], [1000.0, 1000.0, 0.0]])
-    prob = metrics.softmax(logits)
+    prob = calibration.softmax(logits)
     assert prob.sum(axis=1) == pytest.approx([1.0, 1.0])
     assert prob[1] == pytest.approx([0.5, 0.5, 0.0])
-    assert metrics.softmax(logits + 7) == pytest.approx(prob)
-    assert metrics.softmax(logits[:1], temperature=2.0) == pytest.approx(metrics.softmax(logits[:1] / 2))
+    assert calibration.softmax(logits + 7) == pytest.approx(prob)
+    assert calibration.softmax(logits[:1], temperature=2.0) == pytest.approx(calibration.softmax(logits[:1] / 2))
     with pytest.raises(ValueError):
-        metrics.softmax(logits, temperature=0.0)
+        calibration.softmax(logits, temperature=0.0)
 
 
 def test_ece_by_hand():
@@ -209,20 +209,20 @@ def test_ece_by_hand():
     y_prob = np.array([[0.95, 0.05], [0.95, 0.05], [0.35, 0.65], [0.55, 0.45]])
     y_true = np.array([0, 1, 1, 1])
     expected = 0.5 * 0.45 + 0.25 * 0.35 + 0.25 * 0.55
-    assert metrics.expected_calibration_error(y_true, y_prob, n_bins=10) == pytest.approx(expected)
+    assert calibration.expected_calibration_error(y_true, y_prob, n_bins=10) == pytest.approx(expected)
     perfect = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert metrics.expected_calibration_error(np.array([0, 1]), perfect) == pytest.approx(0.0)
+    assert calibration.expected_calibration_error(np.array([0, 1]), perfect) == pytest.approx(0.0)
 
 
 def test_fit_temperature_recovers_known_temperature():
     rng = np.random.default_rng(0)
     true_logits = rng.normal(scale=2.0, size=(4000, 5))
-    prob = metrics.softmax(true_logits)
+    prob = calibration.softmax(true_logits)
     y_true = np.array([rng.choice(5, p=p) for p in prob])
-    temperature = metrics.fit_temperature(true_logits * 2.5, y_true)
+    temperature = calibration.fit_temperature(true_logits * 2.5, y_true)
     assert temperature == pytest.approx(2.5, rel=0.1)
     nll = [
-        skm.log_loss(y_true, metrics.softmax(true_logits * 2.5, t), labels=range(5))
+        skm.log_loss(y_true, calibration.softmax(true_logits * 2.5, t), labels=range(5))
         for t in (1.0, temperature)
     ]
     assert nll[1] < nll[0]
@@ -231,7 +231,7 @@ def test_fit_temperature_recovers_known_temperature():
 def test_fit_temperature_stays_in_bounds_on_separable_logits():
     y_true = np.array([0, 1, 2, 0])
     logits = np.eye(3)[y_true] * 50.0
-    temperature = metrics.fit_temperature(logits, y_true)
+    temperature = calibration.fit_temperature(logits, y_true)
     assert 0.05 <= temperature <= 20.0
 
 
@@ -239,9 +239,9 @@ def test_calibration_summary_is_finite():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(50, 3)) * 4
     y_true = rng.integers(0, 3, 50)
-    summary = metrics.calibration_summary(y_true, logits, 3.0)
+    summary = calibration.calibration_summary(y_true, logits, 3.0)
     assert set(summary) == {"temperature", "ece", "ece_calibrated", "log_loss", "log_loss_calibrated"}
-    assert summary["log_loss"] == pytest.approx(skm.log_loss(y_true, metrics.softmax(logits)))
+    assert summary["log_loss"] == pytest.approx(skm.log_loss(y_true, calibration.softmax(logits)))
     json.dumps(summary, allow_nan=False)
 
 
@@ -271,10 +271,10 @@ def test_write_figures_writes_valid_pngs(tmp_path):
             "lr": [1e-3, 5e-4, 1e-4],
         }
     )
-    figures = metrics.write_figures(
+    written = figures.write_figures(
         tmp_path, y_true, y_prob, CLASSES, history=history, y_prob_calibrated=y_prob**0.8
     )
-    assert set(figures) == {
+    assert set(written) == {
         "confusion",
         "confusion_normalized",
         "roc",
@@ -283,18 +283,18 @@ def test_write_figures_writes_valid_pngs(tmp_path):
         "confused_pairs",
         "training_curves",
     }
-    for path in figures.values():
+    for path in written.values():
         _assert_png(path)
 
 
 def test_confused_pairs_figure_without_errors(tmp_path):
-    path = metrics.plot_confused_pairs(np.eye(3, dtype=int) * 5, ["a", "b", "c"], tmp_path / "pairs.png")
+    path = figures.plot_confused_pairs(np.eye(3, dtype=int) * 5, ["a", "b", "c"], tmp_path / "pairs.png")
     _assert_png(path)
 
 
 def test_training_curves_require_columns(tmp_path):
     with pytest.raises(ValueError, match="val_macro_f1"):
-        metrics.plot_training_curves(pd.DataFrame({"epoch": [1]}), tmp_path / "x.png")
+        figures.plot_training_curves(pd.DataFrame({"epoch": [1]}), tmp_path / "x.png")
 
 
 def test_figures_on_degenerate_data(tmp_path):
@@ -302,8 +302,8 @@ def test_figures_on_degenerate_data(tmp_path):
     y_prob = np.tile([0.5, 0.3, 0.2], (3, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        figures = metrics.write_figures(tmp_path, y_true, y_prob, ["a", "b", "c"])
-    for path in figures.values():
+        written = figures.write_figures(tmp_path, y_true, y_prob, ["a", "b", "c"])
+    for path in written.values():
         _assert_png(path)
 
 

@@ -14,11 +14,11 @@ import yaml
 from conftest import save_tiny_model, tiny_params
 from PIL import Image
 
+from pipeline.calibration import softmax
 from pipeline.cli import main
 from pipeline.config import IngestParams, PredictParams
 from pipeline.data import ProcessedImages, load_index, select_split
 from pipeline.inference import load_model, predict_logits
-from pipeline.metrics import softmax
 from pipeline.predict import ImageInput, Predictor, collect_inputs
 from pipeline.serving import inputs_from_frame
 

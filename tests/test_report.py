@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import metrics
+from pipeline import calibration, metrics
 from pipeline.report import write_report
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]
@@ -23,8 +23,8 @@ def _metrics(classes: list[str]) -> dict:
     y_true = rng.integers(0, len(classes) - 1, 40)  # the last class is absent: its recall is n/a
     logits = rng.normal(size=(40, len(classes)))
     logits[np.arange(40), y_true] += 2
-    result = metrics.classification_metrics(y_true, metrics.softmax(logits), classes, n_bootstrap=50)
-    result["calibration"] = metrics.calibration_summary(y_true, logits, 1.3)
+    result = metrics.classification_metrics(y_true, calibration.softmax(logits), classes, n_bootstrap=50)
+    result["calibration"] = calibration.calibration_summary(y_true, logits, 1.3)
     return result
 
 
@@ -220,3 +220,17 @@ def test_note_sections_and_all_splits_are_rendered_and_escaped(tmp_path, figure)
     parser = _TagBalance()
     parser.feed(page)
     assert parser.errors == [] and parser.stack == []
+
+
+def test_interval_level_and_missing_temperature_are_stated(tmp_path):
+    result = _metrics(CLASSES)
+    result["ci_level"] = 0.9
+    write_report(tmp_path / "r.html", tmp_path / "r.md", title="t", synthetic=False,
+                 provenance={"dataset": "d", "split": "test", "site": "lab-b"}, model={}, params={}, metrics=result,
+                 figures={}, temperature_fitted=False)
+    page, summary = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    assert "95%" not in page and "95%" not in summary
+    assert page.count("90% CI") >= 3 and "Value (90% CI)" in summary and "<dt>90% CI</dt>" in page
+    assert "test split of d (site lab-b), n = 40 images" in page
+    for text in (page, summary):
+        assert "saved without a fitted temperature, so T = 1.0" in text

@@ -77,9 +77,9 @@ def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_pa
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"])}
     assert "train_history.csv" in artifacts
     # the temperature saved with the model is the one fitted on the val split with the best weights
+    from pipeline.calibration import fit_temperature
     from pipeline.data import ProcessedImages, load_index, select_split
     from pipeline.inference import load_model, predict_logits
-    from pipeline.metrics import fit_temperature
 
     model, meta = load_model(out / "models" / "model.pt")
     val = select_split(load_index(processed), "val", list(meta.classes))
