@@ -471,6 +471,26 @@ class PredictParams(_Section):
     batch_size: int = Field(64, ge=1)
     workers: int = Field(2, ge=0, description="loader processes decoding images; 0 = decode in the main process")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_rows: int = Field(
+        256, ge=1, description="rows one request to the served model may carry; every row of a larger request "
+        "is refused (too-many-rows) unread. wbc predict streams any number of files"
+    )
+    max_image_bytes: int = Field(
+        20_000_000, ge=1, description="bytes of one image file or of one base64-decoded image; larger ones are "
+        "refused (too-large) before they are read or decoded"
+    )
+    max_pixels: int = Field(
+        16_777_216, ge=1, description="width x height read from an image's header; larger images are refused "
+        "(too-many-pixels) before they are decoded"
+    )
+    serve_path_root: str | None = Field(
+        None, min_length=1, description="folder whose regular files the served model may read from a 'path' "
+        "column (symlinks and '..' are resolved, then checked against it); null = 'path' inputs are refused"
+    )
+    manifest_root: str | None = Field(
+        None, min_length=1, description="folder the paths listed in a manifest CSV given to wbc predict must "
+        "stay under; null = the CSV's own folder"
+    )
 
 
 class Params(_Section):

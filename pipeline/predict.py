@@ -2,24 +2,32 @@
 
 Each input (an image file, or the base64-encoded bytes of one) is
 
-1. checked the way ingest checks raw files (:func:`pipeline.inspection.inspect_bytes`: the same
-   reason codes, ``truncated``, ``not-an-image``, ``too-small``…, with ``params.ingest``'s limits),
-2. decoded the way the normalize stage decodes (:func:`pipeline.imaging.decode_rgb`),
-3. squared with the normalize params saved in the model and resized to the model's input size
+1. read within limits (:class:`InputLimits`): a file only when paths are allowed and it resolves
+   (symlinks and ``..`` followed) under its permitted folder, only a regular file, and only after
+   its size passed ``predict.max_image_bytes``; base64 only when short enough to decode within it,
+2. checked from its header alone, nothing decoded yet: a format of ``ingest.formats``, at most
+   ``predict.max_pixels`` pixels, a short side of at least ``ingest.min_side``, not cut short,
+3. decoded once, by the decoder the normalize stage uses (:func:`pipeline.imaging.decode_rgb`),
+4. squared with the normalize params saved in the model and resized to the model's input size
    exactly like the training data (:func:`pipeline.imaging.model_pixels`),
-4. fed to the model as raw 0..255 uint8 NCHW (the model scales its input itself), in batches,
+5. fed to the model as raw 0..255 uint8 NCHW (the model scales its input itself), in batches,
    on the GPU when there is one,
-5. turned into calibrated probabilities: logits divided by the temperature fitted on the
+6. turned into calibrated probabilities: logits divided by the temperature fitted on the
    validation split by the train stage.
 
-A file that fails a check becomes one output row with its reason; it never stops the batch.
+An input that fails a check becomes one output row with its reason code (the table is
+:data:`pipeline.inspection.REASON_MEANINGS`) and a sentence that names sizes, formats and limits,
+never the input's content; it never stops the batch.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
+import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -37,7 +46,6 @@ from pipeline.calibration import softmax
 from pipeline.config import IngestParams, Params, PredictParams
 from pipeline.imaging import ImageReadError, decode_rgb, model_pixels, to_chw
 from pipeline.inference import batch_logits, load_model, pick_device
-from pipeline.inspection import inspect_bytes
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
 from pipeline.sources import walk_files
@@ -50,11 +58,14 @@ MANIFEST_SUFFIX = ".csv"
 @dataclass(frozen=True)
 class ImageInput:
     """One image to classify: a file ``path``, or ``image_b64``, the base64-encoded bytes of an
-    image file (a ``data:image/...;base64,`` prefix is allowed). ``name`` labels the output row."""
+    image file (a ``data:image/...;base64,`` prefix is allowed). ``name`` labels the output row.
+    ``root``, when set, is the folder the file must resolve under (a manifest's folder, the served
+    model's ``predict.serve_path_root``)."""
 
     name: str
     path: str | None = None
     image_b64: str | bytes | None = None
+    root: str | None = None
 
 
 class RejectedInput(Exception):
@@ -66,52 +77,161 @@ class RejectedInput(Exception):
         self.detail = detail
 
 
-def input_checks(ingest: IngestParams) -> IngestParams:
-    """The ingest limits (formats, minimum side, maximum pixels) without the perceptual hash,
-    which only duplicate detection needs."""
-    return ingest.model_copy(update={"near_dup_threshold": 0})
+@dataclass(frozen=True)
+class InputLimits:
+    """What prediction accepts: ingest's formats and minimum side, predict's caps on bytes and
+    pixels, and whether file paths may be read at all (the served model reads none unless
+    ``predict.serve_path_root`` is set)."""
+
+    formats: tuple[str, ...]
+    min_side: int
+    max_bytes: int
+    max_pixels: int
+    read_paths: bool = True
 
 
-def _decode_base64(value: str | bytes) -> bytes:
+def input_checks(ingest: IngestParams, predict: PredictParams | None = None, read_paths: bool = True) -> InputLimits:
+    """The limits every input passes: ``ingest``'s formats and minimum side, ``predict``'s caps."""
+    predict = predict or PredictParams()
+    return InputLimits(formats=tuple(ingest.formats), min_side=ingest.min_side, max_bytes=predict.max_image_bytes,
+                       max_pixels=predict.max_pixels, read_paths=read_paths)
+
+
+def _too_large(size: int, limits: InputLimits, what: str = "bytes") -> RejectedInput:
+    return RejectedInput("too-large", f"{size} {what}; predict.max_image_bytes is {limits.max_bytes}; not read")
+
+
+def _decode_base64(value: str | bytes, limits: InputLimits) -> bytes:
     if isinstance(value, str) and value.startswith("data:") and "," in value:
         value = value.split(",", 1)[1]
+    # 4 base64 characters carry 3 bytes: a longer value cannot fit the cap, so it is never decoded
+    if len(value) > 4 * -(-limits.max_bytes // 3):
+        raise _too_large(len(value) * 3 // 4, limits, "bytes (base64-encoded)")
     try:
-        return base64.b64decode(value, validate=True)
+        data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RejectedInput("not-base64", str(exc)) from None
+        raise RejectedInput("not-base64", f"the 'image' value is not valid base64 ({exc})") from None
+    if len(data) > limits.max_bytes:
+        raise _too_large(len(data), limits)
+    return data
 
 
-def read_input(item: ImageInput) -> bytes:
-    """The bytes of ``item``'s image file; raises :class:`RejectedInput` when there are none."""
+def _allowed_path(item: ImageInput, limits: InputLimits) -> str:
+    """``item``'s file with symlinks and ``..`` resolved, once it is allowed to be read."""
+    if not limits.read_paths:
+        raise RejectedInput("path-not-allowed", "this model reads no files; send the image's bytes base64-encoded "
+                            "in the 'image' column (file paths need predict.serve_path_root)")
+    resolved = os.path.realpath(str(item.path))
+    if item.root is not None:
+        root = os.path.realpath(item.root)
+        if os.path.commonpath([root, resolved]) != root:
+            raise RejectedInput("path-not-allowed", "the path leads outside the folder it may be read from")
+    return resolved
+
+
+def _check_file(info: os.stat_result, limits: InputLimits) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+        raise RejectedInput("not-a-file", f"the path names {kind}, not a regular file; not opened")
+    if info.st_size > limits.max_bytes:
+        raise _too_large(info.st_size, limits)
+
+
+def _read_file(item: ImageInput, limits: InputLimits) -> bytes:
+    """The bytes of ``item``'s file: checked by ``stat`` before it is opened, and again on the open
+    file (it may have been swapped since); at most ``max_bytes + 1`` bytes are read (files under
+    /proc report a size of 0)."""
+    path = _allowed_path(item, limits)
+    try:
+        _check_file(os.stat(path), limits)
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise RejectedInput("missing-file", "the file does not exist") from None
+    except OSError as exc:
+        raise RejectedInput("unreadable", exc.strerror or type(exc).__name__) from None
+    with os.fdopen(handle, "rb") as file:
+        _check_file(os.fstat(file.fileno()), limits)
+        try:
+            data = file.read(limits.max_bytes + 1)
+        except OSError as exc:
+            raise RejectedInput("unreadable", exc.strerror or type(exc).__name__) from None
+    if len(data) > limits.max_bytes:
+        raise _too_large(len(data), limits, "bytes or more")
+    return data
+
+
+def read_input(item: ImageInput, limits: InputLimits) -> bytes:
+    """The bytes of ``item``'s image within ``limits``; raises :class:`RejectedInput` when there are none."""
     encoded = item.image_b64.strip() if isinstance(item.image_b64, str) else item.image_b64
     if encoded:
-        return _decode_base64(encoded)
+        return _decode_base64(encoded, limits)
     if not item.path:
         raise RejectedInput("no-input", "neither a file path nor image bytes were given")
-    path = Path(item.path)
+    return _read_file(item, limits)
+
+
+def _ends_early(data: bytes, image_format: str) -> bool:
+    """True when a JPEG or PNG stops before its end marker (OpenCV would decode the rest as grey)."""
+    if image_format == "JPEG":
+        return b"\xff\xd9" not in data[-64:]
+    if image_format == "PNG":
+        return b"IEND" not in data[-64:]
+    return False
+
+
+def _header(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) as the header of ``data`` states them; no pixel is decoded."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise RejectedInput("missing-file", f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise RejectedInput("unreadable", f"{path} is a directory") from None
-    except OSError as exc:
-        raise RejectedInput("unreadable", exc.strerror or str(exc)) from None
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format or "", *image.size
+    except Image.DecompressionBombError:  # PIL's own limit, above any sane predict.max_pixels
+        raise RejectedInput("too-many-pixels", f"the header states more than {2 * Image.MAX_IMAGE_PIXELS} "
+                            "pixels; not decoded") from None
+    except UnidentifiedImageError:
+        raise RejectedInput("not-an-image", "the content is not an image format the decoder knows") from None
+    except Exception as exc:  # a damaged header fails in many ways; the message may quote the content
+        if isinstance(exc, EOFError) or "truncat" in str(exc).lower():
+            raise RejectedInput("truncated", "the image data stops inside its header") from None
+        raise RejectedInput("corrupt", "the image header is damaged") from None
 
 
-def prepare_input(item: ImageInput, checks: IngestParams, normalize: dict[str, Any], image_size: int) -> np.ndarray:
+def checked_header(data: bytes, limits: InputLimits) -> str:
+    """The image format of ``data`` once its header passes ``limits``; raises :class:`RejectedInput`."""
+    if not data:
+        raise RejectedInput("empty-file", "the image has 0 bytes")
+    image_format, width, height = _header(data)
+    if image_format not in limits.formats:
+        raise RejectedInput("unsupported-format",
+                            f"{image_format} image; ingest.formats allows {', '.join(limits.formats)}")
+    if width * height > limits.max_pixels:
+        raise RejectedInput("too-many-pixels", f"header says {width}x{height} = {width * height} pixels > "
+                            f"predict.max_pixels ({limits.max_pixels}); not decoded")
+    if min(width, height) < limits.min_side:
+        raise RejectedInput("too-small", f"{width}x{height}; ingest.min_side is {limits.min_side}")
+    if _ends_early(data, image_format):
+        raise RejectedInput("truncated", f"the {image_format} data stops before its end marker")
+    return image_format
+
+
+def checked_pixels(data: bytes, limits: InputLimits, name: str = "<bytes>") -> np.ndarray:
+    """``data`` checked from its header, then decoded once to HxWx3 uint8 RGB by the normalize
+    stage's decoder; raises :class:`RejectedInput` with a reason code."""
+    image_format = checked_header(data, limits)
+    try:
+        return decode_rgb(data, name)
+    except ImageReadError as exc:
+        reason = "too-many-pixels" if exc.reason == "decompression-bomb" else "corrupt"
+        raise RejectedInput(reason, f"the {image_format} data could not be decoded") from None
+    except MemoryError:
+        raise RejectedInput("too-many-pixels", "decoding ran out of memory") from None
+
+
+def prepare_input(item: ImageInput, checks: InputLimits, normalize: dict[str, Any], image_size: int) -> np.ndarray:
     """``item`` as the model's input: a 3 x image_size x image_size uint8 array.
 
-    Raises :class:`RejectedInput` with ingest's reason code when the input is not a usable image.
+    Raises :class:`RejectedInput` with a reason code when the input is not a usable image.
     """
-    data = read_input(item)
-    found = inspect_bytes(data, checks)
-    if found.reason:
-        raise RejectedInput(found.reason, found.detail)
-    try:
-        image = decode_rgb(data, item.name)
-    except ImageReadError as exc:
-        raise RejectedInput(exc.reason, exc.detail) from None
+    image = checked_pixels(read_input(item, checks), checks, item.name)
     return to_chw(model_pixels(image, normalize, image_size))
 
 
@@ -126,7 +246,7 @@ class _Prepared:
 class _Inputs(Dataset):
     """Prepared inputs in order; decoding runs in the loader's worker processes."""
 
-    def __init__(self, items: Sequence[ImageInput], checks: IngestParams, normalize: dict[str, Any],
+    def __init__(self, items: Sequence[ImageInput], checks: InputLimits, normalize: dict[str, Any],
                  image_size: int):
         self.items = items
         self.checks = checks
@@ -148,14 +268,17 @@ def _as_list(batch: list[_Prepared]) -> list[_Prepared]:
 
 
 class Predictor:
-    """A trained model with everything needed to classify new image files."""
+    """A trained model with everything needed to classify new image files.
+
+    ``read_paths=False`` (the served model without ``predict.serve_path_root``) refuses every
+    input given as a file path."""
 
     def __init__(self, model: Classifier, meta: ModelMeta, settings: PredictParams, checks: IngestParams,
-                 device: torch.device, source: str = "the model"):
+                 device: torch.device, source: str = "the model", read_paths: bool = True):
         self.model = model.eval()
         self.meta = meta
         self.settings = settings
-        self.checks = input_checks(checks)
+        self.checks = input_checks(checks, settings, read_paths)
         self.device = device
         self.classes: list[str] = list(meta.classes)
         self.image_size = meta.image_size
@@ -164,11 +287,12 @@ class Predictor:
         self.temperature = meta.temperature_or_one
 
     @classmethod
-    def load(cls, model_path: str | Path, settings: PredictParams, checks: IngestParams) -> Predictor:
+    def load(cls, model_path: str | Path, settings: PredictParams, checks: IngestParams,
+             read_paths: bool = True) -> Predictor:
         """Read ``model_path`` (saved by the train stage) onto the device ``settings`` asks for."""
         device = pick_device(settings.device)
         model, meta = load_model(Path(model_path), device)
-        return cls(model, meta, settings, checks, device, source=str(model_path))
+        return cls(model, meta, settings, checks, device, source=str(model_path), read_paths=read_paths)
 
     @property
     def columns(self) -> list[str]:
@@ -183,6 +307,11 @@ class Predictor:
         loader = DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=False, num_workers=workers,
                             collate_fn=_as_list)
         yield from loader
+
+    def refused(self, names: Sequence[str], reason: str, detail: str) -> pd.DataFrame:
+        """The output table for ``names`` when every one is refused with ``reason`` unread."""
+        n = len(names)
+        return self._table(names, np.full((n, len(self.classes)), np.nan), [reason] * n, [detail] * n)
 
     def predict(self, items: Sequence[ImageInput], progress: bool = False) -> pd.DataFrame:
         """One row per item, in order: status, calibrated class probabilities, prediction."""
@@ -202,8 +331,11 @@ class Predictor:
                 probs[[entry.index for entry in ready]] = softmax(logits, self.temperature)
             bar.update(len(batch))
         bar.close()
+        return self._table([item.name for item in items], probs, status, detail)
+
+    def _table(self, names: Sequence[str], probs: np.ndarray, status: list[str], detail: list[str]) -> pd.DataFrame:
         ok = np.array([s == OK for s in status], dtype=bool)
-        table = pd.DataFrame({"path": [item.name for item in items], "status": status, "detail": detail})
+        table = pd.DataFrame({"path": list(names), "status": status, "detail": detail})
         for i, name in enumerate(self.classes):
             table[f"p_{name}"] = probs[:, i]
         scores = np.where(ok[:, None], probs, -1.0)
@@ -216,22 +348,23 @@ class Predictor:
         return table[self.columns]
 
 
-def collect_inputs(paths: Sequence[str | Path]) -> list[ImageInput]:
+def collect_inputs(paths: Sequence[str | Path], manifest_root: str | None = None) -> list[ImageInput]:
     """The images named on the command line: files, folders (every file below, recursively, in
-    sorted order) and manifest CSVs (a ``path`` column, relative to the CSV's folder)."""
+    sorted order) and manifest CSVs (a ``path`` column, relative to the CSV's folder; each file
+    must resolve under ``manifest_root``, by default the CSV's own folder)."""
     items: list[ImageInput] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
             items += [ImageInput(str(file), str(file)) for file in walk_files(path)]
         elif path.suffix.lower() == MANIFEST_SUFFIX and path.is_file():
-            items += _manifest_inputs(path)
+            items += _manifest_inputs(path, manifest_root or str(path.parent))
         else:  # a missing file is reported in its row, like any other bad input
             items.append(ImageInput(str(path), str(path)))
     return items
 
 
-def _manifest_inputs(path: Path) -> list[ImageInput]:
+def _manifest_inputs(path: Path, root: str) -> list[ImageInput]:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -243,7 +376,7 @@ def _manifest_inputs(path: Path) -> list[ImageInput]:
     for value in table["path"]:
         value = value.strip()
         file = str(path.parent / value) if value else ""
-        items.append(ImageInput(file, file))
+        items.append(ImageInput(file, file, root=root))
     return items
 
 
@@ -262,7 +395,7 @@ def run_predict(params: Params, inputs: Sequence[str | Path], model_path: Path, 
                 out_json: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Classify ``inputs`` with ``model_path``; write the CSV (and JSON); return a summary."""
     predictor = Predictor.load(model_path, params.predict, params.ingest)
-    items = collect_inputs(inputs)
+    items = collect_inputs(inputs, params.predict.manifest_root)
     if not items:
         raise ValueError(f"no files found in {', '.join(map(str, inputs))}")
     started = time.perf_counter()

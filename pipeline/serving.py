@@ -6,15 +6,22 @@ with ``torch.load(weights_only=True)``, so loading the model unpickles nothing. 
 package is logged with the model (``code/``), so the served model runs the very code that
 ``wbc predict`` runs: same checks, decoding, resizing, temperature and threshold.
 
-Input: a DataFrame with a column ``image`` (base64 of an image file's bytes) and/or ``path``
-(a file readable where the model runs). Output: one row per input row with ``status``
-(``ok`` or the reason the input was rejected), ``detail``, one ``p_<class>`` column per class
-(calibrated probabilities), ``predicted``, ``top_probability`` and ``uncertain``.
+Input: a DataFrame with a column ``image`` (base64 of an image file's bytes) and/or ``path``.
+The served model reads only what it is sent: a ``path`` row is refused (``path-not-allowed``)
+unless the model was logged with ``predict.serve_path_root``, and then only a regular file that
+resolves (symlinks and ``..`` followed) under that folder (relative paths are taken from it).
+A request of more than ``predict.max_rows`` rows is refused row by row (``too-many-rows``), an
+image of more than ``predict.max_image_bytes`` bytes (``too-large``) or ``predict.max_pixels``
+pixels (``too-many-pixels``) before it is decoded. Output: one row per input row with ``status``
+(``ok`` or the reason code the input was rejected with), ``detail`` (never the input's content),
+one ``p_<class>`` column per class (calibrated probabilities), ``predicted``, ``top_probability``
+and ``uncertain``.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -54,12 +61,13 @@ def model_config(params: Params) -> dict[str, Any]:
     """What the served model needs besides its weights: prediction settings and input checks."""
     predict = params.predict.model_dump(mode="json")
     predict["workers"] = 0  # the server decodes in its request thread, no loader processes
-    ingest = params.ingest.model_dump(mode="json", include={"min_side", "max_pixels", "formats"})
+    ingest = params.ingest.model_dump(mode="json", include={"min_side", "formats"})
     return {"predict": predict, "ingest": ingest}
 
 
-def inputs_from_frame(frame: pd.DataFrame) -> list[ImageInput]:
-    """The images of a request: per row, the ``image`` column (base64) when set, else ``path``."""
+def inputs_from_frame(frame: pd.DataFrame, path_root: str | None = None) -> list[ImageInput]:
+    """The images of a request: per row, the ``image`` column (base64) when set, else ``path``,
+    taken relative to ``path_root`` and confined to it when one is given."""
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"expected a DataFrame with an 'image' and/or 'path' column, got {type(frame).__name__}")
     if "image" not in frame.columns and "path" not in frame.columns:
@@ -74,8 +82,19 @@ def inputs_from_frame(frame: pd.DataFrame) -> list[ImageInput]:
     for row in frame.itertuples(index=False):
         image, path = cell(row, "image"), cell(row, "path")
         path = str(path) if path is not None and str(path) else None
-        items.append(ImageInput(path or "", path=path, image_b64=image))
+        file = os.path.join(path_root, path) if path and path_root else path
+        items.append(ImageInput(path or "", path=file, image_b64=image, root=path_root))
     return items
+
+
+def served_path_root(settings: PredictParams) -> str | None:
+    """``predict.serve_path_root`` as an absolute folder (relative to where the server runs), or None."""
+    if settings.serve_path_root is None:
+        return None
+    root = os.path.realpath(settings.serve_path_root)
+    if not os.path.isdir(root):
+        raise ValueError(f"predict.serve_path_root: {settings.serve_path_root} is not a folder on this machine")
+    return root
 
 
 class WbcPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -85,11 +104,20 @@ class WbcPyfuncModel(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         settings = PredictParams(**config.get("predict", {}))
         checks = IngestParams(**config.get("ingest", {}))
-        self.predictor = Predictor.load(context.artifacts[WEIGHTS_ARTIFACT], settings, checks)
+        self.path_root = served_path_root(settings)
+        self.predictor = Predictor.load(context.artifacts[WEIGHTS_ARTIFACT], settings, checks,
+                                        read_paths=self.path_root is not None)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        """``model_input``: DataFrame with ``image`` (base64) and/or ``path``; returns a DataFrame."""
-        table = self.predictor.predict(inputs_from_frame(model_input))
+        """``model_input``: DataFrame with ``image`` (base64) and/or ``path``; returns a DataFrame.
+        Request ``params`` are ignored: no client can widen the limits the model was logged with."""
+        items = inputs_from_frame(model_input, self.path_root)
+        limit = self.predictor.settings.max_rows
+        if len(items) > limit:
+            table = self.predictor.refused([item.name for item in items], "too-many-rows",
+                                           f"the request has {len(items)} rows; predict.max_rows allows {limit}")
+        else:
+            table = self.predictor.predict(items)
         # Missing values (the probabilities of a rejected row) as None, so responses are valid JSON (null, not NaN).
         return table.astype(object).where(table.notna(), None)
 

@@ -75,8 +75,10 @@ def test_registered_model_served_over_http_matches_wbc_predict(tiny_processed, t
                                   start_new_session=True)
         try:
             _wait_for_ping(server, url, log)
-            rows = [[base64.b64encode(path.read_bytes()).decode("ascii")] for path in images] + [["not base64!"]]
-            response = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image"],
+            rows = [[base64.b64encode(path.read_bytes()).decode("ascii"), None] for path in images]
+            # a file the server could read, and one it must never: both refused, the model reads no paths
+            rows += [["not base64!", None], [None, str(images[0])], [None, "/etc/passwd"]]
+            response = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["image", "path"],
                                                                                       "data": rows}}, timeout=60)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
@@ -88,7 +90,9 @@ def test_registered_model_served_over_http_matches_wbc_predict(tiny_processed, t
     assert response.status_code == 200, response.text[:2000]
     served = pd.DataFrame(response.json()["predictions"])
     classes = [c for c in expected.columns if c.startswith("p_")]
-    assert served["status"].tolist() == ["ok", "ok", "not-base64"]
+    assert served["status"].tolist() == ["ok", "ok", "not-base64", "path-not-allowed", "path-not-allowed"]
+    assert served.loc[4, "path"] == "/etc/passwd" and "serve_path_root" in served.loc[4, "detail"]
+    assert "root:" not in response.text  # nothing of the file reached the answer
     np.testing.assert_allclose(served.loc[:1, classes].to_numpy(dtype=float), expected[classes].to_numpy(),
                                atol=1e-5, rtol=0)
     assert served.loc[:1, "predicted"].tolist() == expected["predicted"].tolist()
