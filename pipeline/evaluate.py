@@ -16,8 +16,19 @@ import pandas as pd
 
 from pipeline.config import Params
 from pipeline.data import load_index
-from pipeline.evaluator import Target, evaluate_rows
-from pipeline.layout import INGEST_SUMMARY_FILE
+from pipeline.evaluator import (
+    FIGURES_DIR,
+    Extra,
+    LoadedModel,
+    Target,
+    evaluate_images,
+    images_of_rows,
+    load_evaluated_model,
+    publish,
+)
+from pipeline.figures import figure_path, plot_site_scores
+from pipeline.layout import HOLDOUT, INGEST_SUMMARY_FILE
+from pipeline.sites import SITES_FILE, site_flat, site_rows, site_section, site_table
 
 HISTORY_FILE = "train_history.csv"  # written into the reports folder by the train stage
 
@@ -47,4 +58,18 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
                     provenance=ingest)
     history_path = Path(reports_dir) / HISTORY_FILE
     history = pd.read_csv(history_path) if history_path.is_file() else None
-    return evaluate_rows(params, model_dir, processed_dir, rows, target, Path(reports_dir), history=history)
+    model = load_evaluated_model(model_dir, params.train.device)
+    evaluation = evaluate_images(model, images_of_rows(processed_dir, rows, model.classes), params.evaluate)
+    extra = per_site_outputs(model, processed_dir, index, params, target.dataset, Path(reports_dir) / FIGURES_DIR)
+    return publish(evaluation, model, target, Path(reports_dir), params, history=history, extra=extra)
+
+
+def per_site_outputs(model: LoadedModel, processed_dir: Path, index: pd.DataFrame, params: Params, dataset: str,
+                     figures_dir: Path) -> Extra:
+    """With more than one site (or a held-out one): the per-site table, its report section, figure and
+    metrics; nothing for data of a single site."""
+    if "site" not in index.columns or (index["site"].nunique() < 2 and HOLDOUT not in set(index["split"])):
+        return Extra()
+    table = site_table(model, processed_dir, site_rows(index), params.evaluate)
+    return Extra(sections=(site_section(table, dataset),), flat=site_flat(table), tables={SITES_FILE: table},
+                 figures={"sites": plot_site_scores(table, figure_path(figures_dir, "sites"))})

@@ -174,11 +174,21 @@ def evaluate_images(model: LoadedModel, images: Images, cfg: EvaluateParams, *,
     ``present_classes_only``: macro averages and the per-class table cover only the classes these
     images hold (data that lacks some of the model's classes), instead of every class.
     """
+    if not images.known.any():
+        raise ValueError(f"{images.processed_dir}: none of the {len(images.y)} images to evaluate has a class of "
+                         "the model")
+    return evaluation_of(model, images, predict_images(model, images, cfg.batch_size), cfg,
+                         present_classes_only=present_classes_only)
+
+
+def evaluation_of(model: LoadedModel, images: Images, logits: np.ndarray, cfg: EvaluateParams, *,
+                  present_classes_only: bool = False) -> Evaluation:
+    """The metrics of ``images`` from their ``logits`` (already predicted, in ``images`` order): for
+    callers that predict once and evaluate several subsets (the sites of a dataset)."""
     known = images.known
     if not known.any():
         raise ValueError(f"{images.processed_dir}: none of the {len(images.y)} images to evaluate has a class of "
                          "the model")
-    logits = predict_images(model, images, cfg.batch_size)
     temperature = model.meta.temperature_or_one
     y = images.y[known]
     present = sorted(set(y.tolist())) if present_classes_only else None

@@ -319,3 +319,32 @@ def plot_unknown_predictions(table: pd.DataFrame, classes: Sequence[str], path: 
     ax.legend(title="predicted", loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
+
+
+def plot_site_scores(table: pd.DataFrame, path: Path, metric: str = "macro_f1", label: str = "Macro F1") -> Path:
+    """``metric`` per site with its interval, sites the model was trained on apart from unseen ones
+    (``table``: :func:`pipeline.sites.site_table`)."""
+    records = table.to_dict("records")
+    fig = new_figure(6.4, 0.5 * len(records) + 1.4)
+    ax = fig.add_subplot()
+    colors = {"trained on": "#1f77b4", "not trained on": "#d62728"}
+    for y, record in enumerate(records):
+        value = record[metric]
+        if value is None or pd.isna(value):
+            continue
+        low, high = record[f"{metric}_ci_low"], record[f"{metric}_ci_high"]
+        error = None if low is None or pd.isna(low) else [[value - low], [high - value]]
+        ax.barh(y, value, xerr=error, color=colors.get(record["role"], "grey"), capsize=3,
+                label=record["role"])
+        ax.text(min(value + 0.02, 0.9), y, f"{value:.3f}  (n={record['n']:,}, {record['split']})", va="center",
+                fontsize=8)
+    ax.set_yticks(range(len(records)), [record["site"] for record in records])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(label)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+    ax.set_title(f"{label} per site (the model's own sites: test split; others: all images)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)

@@ -32,6 +32,10 @@ from pipeline.metrics import CI_LEVEL, metric, most_confused_pairs, overall_metr
 # The overall metrics shown as cards at the top, in this order.
 CARDS = ("macro_f1", "balanced_accuracy", "accuracy", "cohen_kappa")
 FIGURE_CAPTIONS = {
+    "sites": (
+        f"Macro F1 per site with its {CI_LEVEL:.0%} bootstrap interval: blue, sites the model was trained on (their "
+        "test split); red, sites it never saw (all their images). Each site is scored on the classes it has."
+    ),
     "confusion": "Confusion matrix (counts). Rows are the true class, columns the predicted class.",
     "confusion_normalized": (
         "Confusion matrix normalised by true class: each row sums to 1 and the diagonal is the "
@@ -67,7 +71,7 @@ FIGURE_CAPTIONS = {
     ),
 }
 # Figures that do not come from the evaluated split.
-FIGURE_SOURCES = {"training_curves": "train and validation splits"}
+FIGURE_SOURCES = {"training_curves": "train and validation splits", "sites": "every site"}
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _MISSING = "—"
 

@@ -151,3 +151,47 @@ def test_a_source_without_images_is_an_error_naming_the_site(three_sites, tmp_pa
 def test_bad_site_params_name_the_key(data, ingest, message):
     with pytest.raises(ParamsError, match=message):
         parse_params({"data": {"root": "raw", **data}, "ingest": ingest})
+
+
+def test_evaluation_reports_every_site_with_intervals_and_which_were_trained_on(tmp_path):
+    """Three sites, one held out: the evaluate stage scores the trained-on sites on their test split and
+    the held-out site on all its images, in metrics.json, sites.csv, a figure and the report."""
+    import json
+
+    import pandas as pd
+    from conftest import save_tiny_model, tiny_params
+
+    from pipeline.config import PBC_CLASSES
+    from pipeline.evaluate import run_evaluate
+    from pipeline.normalize import run_normalize
+
+    root = tmp_path / "raw"
+    for seed, site in enumerate(["lab-a", "lab-b", "lab-c"]):
+        _folder_site(root / site, 6, 10 + seed, classes=list(PBC_CLASSES))
+    params = tiny_params(
+        data={"root": str(root), "sources": [{"site": s, "root": s} for s in ["lab-a", "lab-b", "lab-c"]]},
+        ingest={"workers": 1, "near_dup_threshold": 0, "holdout_sites": ["lab-c"]},
+        evaluate={"n_bootstrap": 50, "worst_errors": 0, "gradcam_per_class": 0},
+    )
+    run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
+    run_normalize(tmp_path / "interim" / "manifest.csv", root, tmp_path / "processed", params.normalize,
+                  progress=False)
+    models = tmp_path / "models"
+    save_tiny_model(models / "model.pt", temperature=1.0, head_std=1.0)
+    flat = run_evaluate(params, models, tmp_path / "processed", tmp_path / "interim", tmp_path / "reports")
+
+    sites = pd.read_csv(tmp_path / "reports" / "sites.csv")
+    index = pd.read_csv(tmp_path / "processed" / "index.csv")
+    assert sites["site"].tolist() == ["lab-a", "lab-b", "lab-c"]
+    assert sites["role"].tolist() == ["trained on", "trained on", "not trained on"]
+    assert sites["split"].tolist() == ["test", "test", "holdout"]
+    expected_n = [int(((index["site"] == s) & (index["split"] == "test")).sum()) for s in ["lab-a", "lab-b"]]
+    assert sites["n"].tolist() == [*expected_n, 48]
+    assert (sites["macro_f1_ci_low"] <= sites["macro_f1"]).all()
+    assert (sites["macro_f1"] <= sites["macro_f1_ci_high"]).all()
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["site/lab-c/n"] == 48 and "site/lab-c/macro_f1_ci_high" in metrics and flat == metrics
+    assert metrics["n"] == sum(expected_n)  # the headline covers the trained-on sites' test split only
+    html = (tmp_path / "reports" / "report.html").read_text()
+    assert "Performance per site" in html and "never saw lab-c" in html
+    assert (tmp_path / "reports" / "figures" / "sites.png").is_file()
