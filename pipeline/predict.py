@@ -121,6 +121,8 @@ def _allowed_path(item: ImageInput, limits: InputLimits) -> str:
     if not limits.read_paths:
         raise RejectedInput("path-not-allowed", "this model reads no files; send the image's bytes base64-encoded "
                             "in the 'image' column (file paths need predict.serve_path_root)")
+    if "\0" in str(item.path):  # no file system accepts it; os functions raise ValueError, not OSError
+        raise RejectedInput("unreadable", "the path holds a NUL character")
     resolved = os.path.realpath(str(item.path))
     if item.root is not None:
         root = os.path.realpath(item.root)
@@ -219,11 +221,12 @@ def checked_pixels(data: bytes, limits: InputLimits, name: str = "<bytes>") -> n
     image_format = checked_header(data, limits)
     try:
         return decode_rgb(data, name)
-    except ImageReadError as exc:
-        reason = "too-many-pixels" if exc.reason == "decompression-bomb" else "corrupt"
-        raise RejectedInput(reason, f"the {image_format} data could not be decoded") from None
     except MemoryError:
         raise RejectedInput("too-many-pixels", "decoding ran out of memory") from None
+    except Exception as exc:  # an ImageReadError, or a decoder bug on one odd input: it must not stop the others
+        if isinstance(exc, ImageReadError) and exc.reason == "decompression-bomb":
+            raise RejectedInput("too-many-pixels", "the decoder's own pixel limit stopped it") from None
+        raise RejectedInput("corrupt", f"the {image_format} data could not be decoded") from None
 
 
 def prepare_input(item: ImageInput, checks: InputLimits, normalize: dict[str, Any], image_size: int) -> np.ndarray:

@@ -314,10 +314,10 @@ def test_served_path_root_allows_only_regular_files_under_it(tiny_processed, tin
     os.mkfifo(root / "pipe")
     paths = ["sub/cell.png", str(root / "sub" / "cell.png"), "in-link.png", "sub/../sub/cell.png",
              "../outside.png", str(tmp_path / "outside.png"), "out-link.png", "/etc/passwd",
-             "sub", "pipe", "zero", "sub/none.png"]
+             "sub", "pipe", "zero", "sub/none.png", "sub/\0.png"]
     table = _serve(_served(tiny_model, serve_path_root=str(root)), path=paths)
     assert table["status"].tolist() == ["ok"] * 4 + ["path-not-allowed"] * 4 + ["not-a-file"] * 2 + [
-        "path-not-allowed", "missing-file"]
+        "path-not-allowed", "missing-file", "unreadable"]
     assert table["path"].tolist() == paths
     everywhere = _serve(_served(tiny_model, serve_path_root="/"), path=["/dev/zero", "/proc/self/environ"])
     assert everywhere["status"].tolist() == ["not-a-file", "not-an-image"]
