@@ -3,9 +3,12 @@
     python benchmarks/train_throughput.py --processed data/processed --models resnet50 efficientnet-b0 \
         --image-size 380 --batch-size 64 --steps 30
 
-- real: the train stage's loader (memory-mapped uint8 images from the normalize stage, the saved
-  augmentation policy applied in loader workers, pinned memory) feeding ``pipeline.train.train_step``;
+- real: the train stage's loader (memory-mapped uint8 images from the normalize stage, the
+  augmentation policy applied in loader workers, pinned memory) feeding ``train_step``;
 - ceiling: the same ``train_step`` on one uint8 batch already on the device (no loading at all).
+
+Loader, network, loss and optimiser come from the factories the train stage uses
+(``pipeline/training.py``), built from the same ``train`` params, so what is timed is what trains.
 
 The ratio real/ceiling says how much the data path holds back the accelerator (target ≥ 0.90 on a
 GPU). Without ``--processed``, a synthetic sample is generated and normalized into a temporary
@@ -25,17 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import RandomSampler
 
 from pipeline.augment import build_policy
-from pipeline.config import PBC_CLASSES, parse_params
+from pipeline.config import PBC_CLASSES, TrainParams, parse_params
 from pipeline.data import EpochSampler, ProcessedImages, load_index, select_split
 from pipeline.inference import pick_device
-from pipeline.models import build_classifier
 from pipeline.normalize import run_normalize
 from pipeline.sample import generate_sample
-from pipeline.train import train_step
+from pipeline.training import Distributed, build_loss, build_model, build_optimizer, make_loader, train_step, wrap_model
 
 
 def synthetic_processed(folder: Path, size: int, per_class: int) -> Path:
@@ -67,26 +68,36 @@ def timed_steps(step, batches, warmup: int, steps: int, device: torch.device) ->
     return seen / (time.perf_counter() - start)
 
 
+def train_params(model_name: str, args: argparse.Namespace) -> TrainParams:
+    """The ``train`` params of the timed run: the stage's defaults but for the model, size, batch,
+    workers and compile; from scratch, so no weights are fetched (the step costs the same)."""
+    return parse_params({"train": {
+        "model": model_name, "pretrained": "none", "image_size": args.image_size, "batch_size": args.batch_size,
+        "num_workers": args.workers, "compile": args.compile,
+    }}).train
+
+
 def measure(model_name: str, processed: Path, args: argparse.Namespace, device: torch.device) -> dict:
+    cfg = train_params(model_name, args)
     index = load_index(processed)
     classes = sorted(set(index["label"]))
     split = select_split(index.assign(split="train"), "train", classes)
     policy = build_policy(parse_params({}).augment)
-    dataset = ProcessedImages(processed, split, args.image_size, policy, seed=0)
-    sampler = EpochSampler(RandomSampler(dataset, replacement=True, num_samples=10**9))
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0, drop_last=True,
-                        prefetch_factor=4 if args.workers > 0 else None)
+    dataset = ProcessedImages(processed, split, cfg.image_size, policy, seed=cfg.seed)
+    # Drawn with replacement from a bottomless sampler, so warm-up and timed steps never wait on
+    # an epoch boundary (worker start-up) whatever the dataset's size.
+    loader = make_loader(dataset, cfg, device, EpochSampler(RandomSampler(dataset, replacement=True,
+                                                                          num_samples=10**9)))
 
-    torch.manual_seed(0)
-    model = build_classifier(model_name, len(classes), args.image_size).to(device, memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, len(classes), device)
+    net = wrap_model(model, cfg, Distributed(), device)
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = build_loss(cfg, split.labels, len(classes), device)
+    net.train()
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return train_step(net, images, targets, loss_fn, optimizer, device, grad_clip=1.0)
+        return train_step(net, images, targets, loss_fn, optimizer, device, cfg.grad_clip)
 
     fixed_images, fixed_targets = next(iter(loader))
     fixed_images, fixed_targets = fixed_images.to(device), fixed_targets.to(device)

@@ -7,6 +7,7 @@ CHW tensors: the model scales them itself, so the copy to the GPU moves a quarte
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.imaging import resize_square, to_chw
-from pipeline.layout import IMAGES_FILE, INDEX_FILE
+from pipeline.layout import IMAGES_FILE, INDEX_FILE, NORMALIZE_SUMMARY_FILE
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,25 @@ def load_index(processed_dir: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; run `wbc normalize` (or `dvc repro`) first")
     return pd.read_csv(path, dtype={"path": str, "label": str, "split": str, "group": str})
+
+
+def images_identity(processed_dir: Path, sampled_rows: int = 64) -> str:
+    """A cheap identity of the processed images. It changes when ``images.npy`` is rewritten (its
+    size or modification time), reshaped, or any of ``sampled_rows`` evenly spaced images differs,
+    and when the normalize stage's summary beside it does; it reads megabytes, not the gigabytes
+    a full hash of the array would."""
+    path = processed_dir / IMAGES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run `wbc normalize` (or `dvc repro`) first")
+    stat = path.stat()
+    images = np.load(path, mmap_mode="r")
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{images.shape}:{images.dtype}".encode())
+    for row in np.unique(np.linspace(0, len(images) - 1, min(sampled_rows, len(images))).round().astype(int)):
+        digest.update(np.ascontiguousarray(images[row]).tobytes())
+    summary = processed_dir / NORMALIZE_SUMMARY_FILE
+    if summary.is_file():
+        digest.update(summary.read_bytes())
+    return digest.hexdigest()
 
 
 def select_split(index: pd.DataFrame, split: str, classes: list[str]) -> Split:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,8 +18,11 @@ import yaml
 from conftest import REPO, tiny_params
 
 from pipeline import train as train_module
+from pipeline.layout import IMAGES_FILE
 from pipeline.models import _monai_efficientnet_key, build_classifier, head_parameters
-from pipeline.train import class_weights, parameter_groups, run_train, warmup_cosine
+from pipeline.normalize import run_normalize
+from pipeline.train import run_train
+from pipeline.training import TrainState, class_weights, parameter_groups, read_checkpoint, warmup_cosine
 
 
 def test_warmup_then_cosine():
@@ -49,6 +55,43 @@ def test_run_name_leads_with_the_dvc_experiment(monkeypatch):
 def test_class_weights_are_inverse_frequency():
     weights = class_weights(torch.tensor([0, 0, 0, 1]).numpy(), 3)
     assert weights.tolist() == pytest.approx([4 / 9, 4 / 3, 0.0])
+
+
+def _fresh_state(fingerprint: dict[str, str]) -> TrainState:
+    torch.manual_seed(0)
+    model = build_classifier("baseline-cnn", 3, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    return TrainState(model, optimizer, scheduler, torch.Generator().manual_seed(1), fingerprint)
+
+
+def test_train_state_is_saved_and_restored_as_one(tmp_path):
+    state = _fresh_state({"train params": "a", "processed images": "b"})
+    state.model(torch.zeros(2, 3, 32, 32)).sum().backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    torch.randperm(5, generator=state.sampler_rng)
+    assert state.update({"epoch": 1, "val_macro_f1": 0.5}) is True
+    assert state.update({"epoch": 2, "val_macro_f1": 0.4}) is False
+    state.run_id = "abc"
+    state.save(tmp_path / "last.pt")
+    saved_rng = torch.get_rng_state()
+
+    restored = _fresh_state({"train params": "a", "processed images": "b"})  # reseeds the global RNG
+    restored.load_state_dict(read_checkpoint(tmp_path / "last.pt"))
+    assert (restored.epoch, restored.best_epoch, restored.best_score, restored.stale) == (2, 1, 0.5, 1)
+    assert restored.run_id == "abc" and restored.history == state.history
+    for name, value in state.model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[name], value), name
+    moments = [s["exp_avg"] for s in state.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in
+               zip(moments, [s["exp_avg"] for s in restored.optimizer.state_dict()["state"].values()], strict=True))
+    assert restored.scheduler.get_last_lr() == state.scheduler.get_last_lr() == [0.005]
+    assert torch.equal(restored.sampler_rng.get_state(), state.sampler_rng.get_state())
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    assert restored.changes_from({"train params": "a", "processed images": "b"}) == []
+    assert restored.changes_from({"train params": "a", "processed images": "c"}) == ["processed images"]
+    assert restored.changes_from("a single digest of an older checkpoint") == ["checkpoint format"]
 
 
 def _train(tmp_path, processed, policy, **train_overrides):
@@ -137,22 +180,12 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_processed, tmp_path, monkey
 
     params = tiny_params(train={"epochs": 4, "num_workers": workers})
     out = tmp_path / "killed"
-    real_evaluate = train_module.evaluate_split
-    calls = {"n": 0}
-
-    def die_in_third_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 3 trained but not yet checkpointed: a kill mid-epoch
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate_split", die_in_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(params, processed, policy, out / "models", out / "reports", progress=False)
-    mlflow.end_run()
-    assert (out / "models" / "checkpoints" / "last.pt").is_file()
-    monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+    interrupted_run = _interrupted_in_epoch(3, monkeypatch, params, processed, policy, out)
+    # an interrupted run is ended as KILLED, not left RUNNING, until the next run continues it
+    assert mlflow.get_run(interrupted_run).info.status == "KILLED"
     result = run_train(params, processed, policy, out / "models", out / "reports", progress=False)
+    assert result["run_id"] == interrupted_run
+    assert mlflow.get_run(result["run_id"]).info.status == "FINISHED"
     resumed = pd.read_csv(out / "reports" / "train_history.csv")
     columns = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1"]
     pd.testing.assert_frame_equal(uninterrupted[columns], resumed[columns])
@@ -161,29 +194,112 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_processed, tmp_path, monkey
     assert sorted(m.step for m in curve) == [1, 2, 3, 4]
 
 
-def test_checkpoint_of_other_params_is_not_resumed(tiny_processed, tmp_path, monkeypatch, capsys):
-    _, processed, policy = tiny_processed
-    out = tmp_path / "x"
+def _interrupted_in_epoch(epoch, monkeypatch, params, processed, policy, out) -> str:
+    """Run training into ``out`` and interrupt it in ``epoch`` after that epoch has trained but
+    before it is checkpointed (a kill mid-epoch); return the MLflow run id of its checkpoint."""
     real_evaluate = train_module.evaluate_split
     calls = {"n": 0}
 
-    def die_in_second_epoch(*args, **kwargs):
+    def die_in_epoch(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == epoch:
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_split", die_in_second_epoch)
+    monkeypatch.setattr(train_module, "evaluate_split", die_in_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run_train(tiny_params(train={"epochs": 3}), processed, policy, out / "models", out / "reports",
-                  progress=False)
-    mlflow.end_run()
-    assert (out / "models" / "checkpoints" / "last.pt").is_file()
+        run_train(params, processed, policy, out / "models", out / "reports", progress=False)
     monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+    checkpoint = read_checkpoint(out / "models" / "checkpoints" / "last.pt")
+    assert checkpoint["epoch"] == epoch - 1
+    return checkpoint["run_id"]
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tiny_processed, tmp_path, monkeypatch, capsys):
+    _, processed, policy = tiny_processed
+    out = tmp_path / "x"
+    _interrupted_in_epoch(2, monkeypatch, tiny_params(train={"epochs": 3}), processed, policy, out)
     run_train(tiny_params(train={"epochs": 2, "lr": 0.001}), processed, policy, out / "models", out / "reports",
               progress=False)
-    assert "starting afresh" in capsys.readouterr().out
+    assert "was saved for other train params; starting afresh" in capsys.readouterr().out
     assert pd.read_csv(out / "reports" / "train_history.csv")["epoch"].tolist() == [1, 2]
+
+
+def _overwrite_pixels_keeping_file_times(processed) -> None:
+    """Invert every image of ``images.npy`` in place, then put its modification time back."""
+    images_path = processed / IMAGES_FILE
+    times = images_path.stat()
+    images = np.load(images_path, mmap_mode="r+")
+    images[:] = 255 - images
+    images.flush()
+    del images
+    os.utime(images_path, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["renormalized", "pixels"])
+def test_checkpoint_of_other_normalized_data_is_not_resumed(tiny_processed, tmp_path, monkeypatch, capsys, change):
+    raw, processed, policy = tiny_processed
+    out = tmp_path / "x"
+    old_run = _interrupted_in_epoch(2, monkeypatch, tiny_params(), processed, policy, out)
+    if change == "renormalized":  # killed at pad/40 px, the data then normalized again to crop/48 px
+        params = tiny_params(normalize={"mode": "crop", "size": 48})
+        run_normalize(tmp_path / "manifest.csv", raw, processed, params.normalize, progress=False)
+        changed = "normalize params, processed images"
+    else:  # same params and file size and time, other pixels
+        params = tiny_params()
+        _overwrite_pixels_keeping_file_times(processed)
+        changed = "processed images"
+    capsys.readouterr()
+    result = run_train(params, processed, policy, out / "models", out / "reports", progress=False)
+    printed = capsys.readouterr().out
+    assert "resuming" not in printed
+    assert f"last.pt was saved for other {changed}; starting afresh in a new MLflow run" in printed
+    assert result["run_id"] != old_run
+    assert pd.read_csv(out / "reports" / "train_history.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+_KILLED_IN_SECOND_EPOCH = textwrap.dedent("""
+    import os, signal, sys
+    from pipeline import cli, train
+
+    evaluate, calls = train.evaluate_split, []
+
+    def evaluate_or_die(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:  # epoch 1 checkpointed, epoch 2 trained: kill -9, nothing runs after it
+            os.kill(os.getpid(), signal.SIGKILL)
+        return evaluate(*args, **kwargs)
+
+    train.evaluate_split = evaluate_or_die
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_killed_run_that_cannot_be_resumed_is_closed_not_left_running(tiny_processed, tmp_path, isolated_mlflow,
+                                                                       capsys):
+    raw, processed, policy = tiny_processed
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tiny_params().model_dump(mode="json")))
+    models, reports = tmp_path / "models", tmp_path / "reports"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": isolated_mlflow}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_SECOND_EPOCH, "--quiet", "--params", str(params_file), "train",
+         "--processed", str(processed), "--policy", str(policy), "--models", str(models), "--reports", str(reports),
+         "--interim", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    stale_run = read_checkpoint(models / "checkpoints" / "last.pt")["run_id"]
+    mlflow.set_tracking_uri(isolated_mlflow)
+    assert mlflow.get_run(stale_run).info.status == "RUNNING"  # what a kill -9 leaves behind
+
+    params = tiny_params(normalize={"mode": "crop"})
+    run_normalize(tmp_path / "manifest.csv", raw, processed, params.normalize, progress=False)
+    result = run_train(params, processed, policy, models, reports, progress=False)
+    assert f"the checkpoint's run {stale_run} is closed" in capsys.readouterr().out
+    assert mlflow.get_run(stale_run).info.status == "KILLED"
+    assert mlflow.get_run(result["run_id"]).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -194,7 +310,7 @@ def test_ddp_with_two_gloo_processes_logs_one_run(tiny_processed, tmp_path, isol
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": isolated_mlflow}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               "-m", "pipeline.cli", "--quiet", "--params", str(params_file), "train", "--processed",
+               "-m", "pipeline.cli", "--params", str(params_file), "train", "--processed",
                str(processed), "--policy", str(policy), "--models", str(tmp_path / "models"), "--reports",
                str(tmp_path / "reports"), "--interim", str(tmp_path)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
