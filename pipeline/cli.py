@@ -38,7 +38,7 @@ def _cmd_sample(args: argparse.Namespace, params: Params) -> None:
     from pipeline.sample import generate_sample
 
     counts = generate_sample(args.out, params.sample, params.data.classes)
-    sizes = [f"{site.name} {site.size or params.sample.size}px" for site in params.sample.sites]
+    sizes = [f"{site.name} {site.size}px" for site in params.sample.sites]
     print(f"synthetic sample: {sum(counts.values())} images in {args.out} "
           f"({', '.join(sizes) or f'{params.sample.size}px'})")
 

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PBC_CLASSES: tuple[str, ...] = (
     "basophil",
@@ -285,11 +293,14 @@ class SampleParams(_Section):
     per_class: int = Field(100, ge=4)
     size: int = Field(128, ge=32, le=1024)
     seed: int = 0
-    sites: list[SiteStyle] = Field(default_factory=list, description="synthetic sites; empty = one default site")
+    sites: list[SiteStyle] = Field(
+        default_factory=list, description="synthetic sites; empty = one default site. A site's unset "
+        "per_class and size are taken from here"
+    )
 
     @field_validator("sites")
     @classmethod
-    def _distinct_site_folders(cls, value: list[SiteStyle]) -> list[SiteStyle]:
+    def _distinct_sites_sized(cls, value: list[SiteStyle], info: ValidationInfo) -> list[SiteStyle]:
         names = [site.name for site in value]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
@@ -297,7 +308,11 @@ class SampleParams(_Section):
         clashing = [name for name in names if name in PBC_CLASSES]
         if clashing:
             raise ValueError(f"a site may not be named like a class folder: {', '.join(clashing)}")
-        return value
+        defaults = {key: info.data[key] for key in ("per_class", "size") if key in info.data}
+        return [
+            site.model_copy(update={key: getattr(site, key) or default for key, default in defaults.items()})
+            for site in value
+        ]
 
 
 # The formats (as PIL names them) that pipeline.imaging decodes to full-size RGB: the raster formats of

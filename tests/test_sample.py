@@ -343,7 +343,8 @@ def test_site_presets_and_overrides() -> None:
     ).sites
     assert by_name.preset == "jiangxi-like" and by_name.background == (255, 252, 166) and by_name.size == 120
     assert overridden.blur == 0.5 and overridden.cell_scale == by_name.cell_scale
-    assert plain.preset is None and plain == SiteStyle(name="lab-c")
+    assert plain.preset is None and (plain.size, plain.per_class) == (128, 100)  # the sample's
+    assert plain == SiteStyle(name="lab-c", size=128, per_class=100)
     assert SampleParams().sites == []
 
 
