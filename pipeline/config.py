@@ -40,8 +40,29 @@ class ParamsError(ValueError):
     """Raised when params.yaml is missing, unreadable or invalid."""
 
 
+# A class name is a folder name, part of file names and of MLflow metric keys ("recall/<class>"),
+# and printed in Markdown and HTML: ASCII letters, digits, space, '_', '-', '.' only.
+CLASS_NAME_PATTERN = r"[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,62}[A-Za-z0-9_.-])?"
+
+
+def check_class_name(value: str, where: str = "class name") -> str:
+    """``value`` if it is a valid class name, else ValueError naming ``where`` and what is allowed."""
+    if not re.fullmatch(CLASS_NAME_PATTERN, value):
+        bad = sorted(set(re.sub(r"[A-Za-z0-9 _.-]", "", value)))
+        problem = (f"holds {', '.join(map(repr, bad))}" if bad else "is empty" if not value
+                   else "is longer than 64 characters" if len(value) > 64 else "starts or ends with a wrong character")
+        raise ValueError(
+            f"{where} {value!r} {problem}; a class name is a folder name and part of file names and MLflow "
+            "metric keys: 1 to 64 ASCII letters, digits, spaces, '_', '-' or '.', starting with a letter or digit "
+            "and not ending with a space"
+        )
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "3" is no integer, 3.5 no integer, "yes" or 1 no boolean (an integer for a float is fine).
+    # A fixed-length field (an RGB tuple) also needs Field(strict=False) to accept YAML's list.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class TableSource(_Section):
@@ -139,6 +160,10 @@ class DataParams(_Section):
     source: Literal["folder", "table"] = "folder"
     tables: list[TableSource] = Field(default_factory=list)
     label_map: dict[str, str | None] = Field(default_factory=dict)
+    allow_outside_root: bool = Field(
+        False, description="let label tables name images outside their source folder (absolute paths, '..', "
+        "symlinks leading out); false = such rows are rejected (outside-root)"
+    )
     site: str | None = Field(None, description="site name of the single source; default: root's folder name")
     um_per_px: float | None = Field(None, gt=0.0, description="physical pixel size of the single source, if known")
     sources: list[SourceParams] = Field(default_factory=list, description="several sites; empty = one source")
@@ -162,8 +187,11 @@ class DataParams(_Section):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"class names must be unique, got {value}")
+        for index, name in enumerate(value):
+            check_class_name(name, f"data.classes[{index}]")
+        folded = [name.casefold() for name in value]
+        if len(set(folded)) != len(folded):
+            raise ValueError(f"class names must be unique, also ignoring case (folders on some disks), got {value}")
         return value
 
     @model_validator(mode="after")
@@ -334,7 +362,13 @@ class IngestParams(_Section):
     )
     min_side: int = Field(16, ge=1)
     max_pixels: int = Field(89_478_485, ge=1)
-    formats: list[str] = Field(default_factory=lambda: ["BMP", "JPEG", "PNG", "TIFF"], min_length=1)
+    formats: list[str] = Field(
+        default_factory=lambda: ["BMP", "JPEG", "PNG", "TIFF"], min_length=1,
+        description=f"image formats accepted, among {', '.join(IMAGE_FORMATS)}",
+    )
+    max_file_bytes: int = Field(
+        200_000_000, ge=1, description="larger files are rejected (too-large) from their size alone, never read"
+    )
     near_dup_threshold: int = Field(
         44, ge=0, le=128, description="max perceptual-hash distance (of 256 bits) of near-duplicates; 0 = off"
     )
@@ -345,8 +379,14 @@ class IngestParams(_Section):
 
     @field_validator("formats")
     @classmethod
-    def _upper_formats(cls, value: list[str]) -> list[str]:
-        return sorted({name.upper() for name in value})
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        names = sorted({name.upper() for name in value})
+        unknown = [name for name in names if name not in IMAGE_FORMATS]
+        if unknown:
+            hints = "".join(f"; write {FORMAT_SPELLINGS[n]} for {n}" for n in unknown if n in FORMAT_SPELLINGS)
+            raise ValueError(f"{', '.join(unknown)} not among the formats the decoder reads: "
+                             f"{', '.join(IMAGE_FORMATS)}{hints}")
+        return names
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> IngestParams:
@@ -363,7 +403,7 @@ class NormalizeParams(_Section):
 
     size: int = Field(380, ge=16, le=2048)
     mode: Literal["pad", "crop"] = "pad"
-    pad_color: tuple[int, int, int] = (255, 255, 255)
+    pad_color: tuple[int, int, int] = Field((255, 255, 255), strict=False)
     workers: int = Field(0, ge=0, description="0 = all CPU cores")
 
     @field_validator("pad_color")
@@ -538,9 +578,20 @@ def _describe(error: dict) -> str:
         section = _section_model(error["loc"][:-1])
         allowed = ", ".join(section.model_fields) if section else ""
         message = f"unknown key; allowed keys here: {allowed}"
+    elif error["type"] == "value_error":  # the validators' messages name the value themselves
+        message = message.removeprefix("Value error, ")
     elif "input" in error and not isinstance(error["input"], dict):
-        message = f"{message} (got {error['input']!r})"
+        message = f"{message} (got {error['input']!r}{_type_hint(error)})"
     return f"  {key}: {message}"
+
+
+def _type_hint(error: dict) -> str:
+    """Why a value of the wrong type was not taken as meant, for the two usual slips."""
+    if error["type"] == "bool_type":
+        return "; write true or false"
+    if error["type"] in ("int_type", "float_type") and isinstance(error["input"], str):
+        return "; quotes make a value text: write the number without them"
+    return ""
 
 
 def _section_model(loc: tuple) -> type[BaseModel] | None:
@@ -568,9 +619,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml`` (missing sections take their defaults)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_ParamsLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc})") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(raw or {}, source=str(path))
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-3`` as a number, as YAML 1.2 (and DVC, which writes
+    params.yaml on ``dvc exp run -S``) does; PyYAML alone, a YAML 1.1 reader, would make it text."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)

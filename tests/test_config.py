@@ -1,11 +1,16 @@
 """Params are validated once, with errors that name the key and what it accepts."""
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from pipeline.config import PBC_CLASSES, Params, ParamsError, load_params, parse_params
+from pipeline.config import IMAGE_FORMATS, PBC_CLASSES, IngestParams, Params, ParamsError, load_params, parse_params
+from pipeline.imaging import decode_rgb
+from pipeline.inspection import inspect_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,3 +83,85 @@ def test_predict_section_and_registry_name():
     assert parse_params({"train": {"registered_model": ""}}).train.registered_model is None
     with pytest.raises(ParamsError, match=r"predict\.threshold"):
         parse_params({"predict": {"threshold": 1.5}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "needle"),
+    [
+        ({"train": {"epochs": "3"}}, "train.epochs", "without them"),
+        ({"train": {"epochs": 3.0}}, "train.epochs", "integer"),
+        ({"train": {"lr": "0.01"}}, "train.lr", "without them"),
+        ({"train": {"compile": "yes"}}, "train.compile", "true or false"),
+        ({"train": {"compile": 1}}, "train.compile", "true or false"),
+        ({"normalize": {"pad_color": [255, 255, "255"]}}, "normalize.pad_color.2", "integer"),
+        ({"data": {"root": 5}}, "data.root", "string"),
+        ({"data": {"allow_outside_root": "no"}}, "data.allow_outside_root", "true or false"),
+        ({"ingest": {"max_file_bytes": "200MB"}}, "ingest.max_file_bytes", "integer"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_not_coerced(raw, key, needle):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    line = next(line for line in str(err.value).splitlines() if line.strip().startswith(key + ":"))
+    assert needle in line
+
+
+def test_integers_are_fine_for_floats_and_lists_for_fixed_length_values():
+    params = parse_params({"train": {"lr": 1, "warmup_epochs": 0}, "normalize": {"pad_color": [0, 10, 20]}})
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+    assert params.normalize.pad_color == (0, 10, 20)
+
+
+def test_params_file_reads_exponent_numbers_and_refuses_quoted_ones(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5.0E-5\n  experiment: 1e3-run\n")
+    train = load_params(path).train
+    assert (train.lr, train.weight_decay, train.experiment) == (0.001, 5e-5, "1e3-run")
+    path.write_text('train:\n  epochs: "3"\n')
+    with pytest.raises(ParamsError, match=r"train\.epochs: .*'3'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    "name", ["a/b", "mono(cyte)", "a+b", "a,b", "<b>neutrophil</b>", "", "c/../../x", "..", "tab\there",
+             "line\n", "back\\slash", " lead", "trail ", "$x$", "x" * 65, "é"],
+)
+def test_unsafe_class_names_are_refused_up_front(name):
+    with pytest.raises(ParamsError) as err:
+        parse_params({"data": {"classes": ["neutrophil", name]}})
+    message = str(err.value)
+    assert "data.classes[1]" in message and "letters, digits, spaces, '_', '-' or '.'" in message
+
+
+def test_safe_class_names_are_valid_mlflow_metric_keys_and_file_names(tmp_path):
+    from mlflow.utils.validation import _validate_metric_name
+
+    names = ["Band neutrophil", "ig", "Type-2.a_b", "9", "x" * 64]
+    assert parse_params({"data": {"classes": names}}).data.classes == names
+    for name in names:
+        _validate_metric_name(f"recall/{name}")
+        (tmp_path / name).mkdir()
+        assert (tmp_path / name).is_dir()
+
+
+def test_class_names_differing_only_in_case_are_refused():
+    with pytest.raises(ParamsError, match="ignoring case"):
+        parse_params({"data": {"classes": ["Neutrophil", "neutrophil"]}})
+
+
+def test_formats_are_limited_to_what_the_decoder_reads():
+    assert parse_params({"ingest": {"formats": ["png", "Jpeg"]}}).ingest.formats == ["JPEG", "PNG"]
+    with pytest.raises(ParamsError) as err:
+        parse_params({"ingest": {"formats": ["JPG", "HEIC", "PNG"]}})
+    message = str(err.value)
+    assert "ingest.formats" in message and "HEIC, JPG not among" in message and "write JPEG for JPG" in message
+
+
+@pytest.mark.parametrize("image_format", IMAGE_FORMATS)
+def test_every_allowed_format_decodes_at_full_size(image_format):
+    picture = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, image_format)
+    found = inspect_bytes(buffer.getvalue(), IngestParams(formats=list(IMAGE_FORMATS)))
+    assert (found.reason, found.format, found.width, found.height) == ("", image_format, 30, 40)
+    assert decode_rgb(buffer.getvalue()).shape == (40, 30, 3)
