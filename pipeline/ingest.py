@@ -37,6 +37,7 @@ from pipeline.layout import (
     SAMPLE_FILE,
     SPLITS,
 )
+from pipeline.markdown import Markdown, md_code, md_text
 from pipeline.sources import Rejection, discover
 from pipeline.splitting import Item, assign_splits, picture_groups, quarantine_conflicts, split_groups
 
@@ -60,7 +61,8 @@ def run_ingest(
     """
     root = Path(params.data.root)
     candidates, rejections = discover(root, params.data)
-    n_files = len({c.path for c in candidates} | {r.path for r in rejections if r.reason != "missing-file"})
+    named_only = ("missing-file", "outside-root")  # rows of a label table, not files found under the root
+    n_files = len({c.path for c in candidates} | {r.path for r in rejections if r.reason not in named_only})
     inspections = inspect_all([c.file for c in candidates], params.ingest, progress)
     items = []
     for candidate, found in zip(candidates, inspections, strict=True):
@@ -168,13 +170,10 @@ def summarize(root: Path, params: Params, n_files: int, items: list[Item], rejec
 _MAX_ROWS = 300
 
 
-def _cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A Markdown table; cells are text from the data (escaped) unless they are :class:`Markdown`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows[:_MAX_ROWS]]
+    lines += ["| " + " | ".join(md_text(v) for v in row) + " |" for row in rows[:_MAX_ROWS]]
     if len(rows) > _MAX_ROWS:
         lines.append(f"\n... and {len(rows) - _MAX_ROWS} more rows (see the CSV files).")
     return lines
@@ -188,7 +187,7 @@ def _count_rows(counts: dict, classes: list[str], splits: list[str]) -> list[lis
         per_split = [counts[split][cls] for split in splits]
         rows.append([cls, *per_split, sum(per_split), f"{sum(per_split) / total:.1%}"])
     split_totals = [sum(counts[split].values()) for split in splits]
-    rows.append(["**all**", *split_totals, sum(split_totals), "100%"])
+    rows.append([Markdown("**all**"), *split_totals, sum(split_totals), "100%"])
     return rows
 
 
@@ -212,10 +211,10 @@ def _counts_section(summary: dict, params: Params) -> list[str]:
     ]
     if ingest.holdout_sites:
         lines += [f"Held-out sites (all their images in `{HOLDOUT}`, never trained on): "
-                  + ", ".join(f"`{site}`" for site in ingest.holdout_sites) + ".", ""]
+                  + ", ".join(md_code(site) for site in ingest.holdout_sites) + ".", ""]
     if len(summary["sites"]) > 1:
         for site, site_counts in summary["counts_by_site"].items():
-            lines += [f"### Site `{site}`", "", *_table(["class", *splits, "total", "share"],
+            lines += [f"### Site {md_code(site)}", "", *_table(["class", *splits, "total", "share"],
                                                         _count_rows(site_counts, classes, splits)), ""]
     return lines
 
@@ -232,7 +231,8 @@ def _rejected_section(rejections: list[Rejection]) -> list[str]:
             [[reason, n, REASON_MEANINGS.get(reason, "")] for reason, n in sorted(by_reason.items())],
         ),
         "",
-        *_table(["path", "reason", "detail"], [[f"`{r.path}`", r.reason, r.detail] for r in rejections]),
+        *_table(["path", "reason", "detail"],
+                [[md_code(r.path, in_table=True), r.reason, r.detail] for r in rejections]),
         "",
     ]
 
@@ -247,9 +247,9 @@ def _duplicates_section(
     for members in repeated:
         labels = sorted({item.candidate.label for item in members})
         status = "conflict: all rejected" if len(labels) > 1 else f"kept, split {members[0].split}"
-        paths = ", ".join(
-            f"`{item.candidate.path}`" for item in sorted(members, key=lambda i: i.candidate.path)
-        )
+        paths = Markdown(", ".join(
+            md_code(item.candidate.path, in_table=True) for item in sorted(members, key=lambda i: i.candidate.path)
+        ))
         rows.append([len(members), " vs ".join(labels), status, paths])
     conflicts = sum(row[2].startswith("conflict") for row in rows)
     near_rule = (
@@ -272,7 +272,7 @@ def _duplicates_section(
         lines += _table(
             ["distance", "first", "second"],
             [
-                [d, f"`{a.candidate.path}`", f"`{b.candidate.path}`"]
+                [d, md_code(a.candidate.path, in_table=True), md_code(b.candidate.path, in_table=True)]
                 for a, b, d in sorted(near, key=lambda x: x[2])
             ],
         ) + [""]
@@ -291,7 +291,7 @@ def ingest_report(
     lines = [
         "# Ingest report" + (" — SYNTHETIC DATA" if summary["synthetic"] else ""),
         "",
-        f"Source `{summary['root']}` ({kind}, {params.data.source} layout): {summary['n_files']} files, "
+        f"Source {md_code(summary['root'])} ({kind}, {params.data.source} layout): {summary['n_files']} files, "
         f"**{summary['n_kept']} kept**, **{summary['n_rejected']} rejected**. "
         f"Data hash `{summary['data_hash'][:16]}`.",
         "",

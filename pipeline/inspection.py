@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +46,8 @@ REASON_MEANINGS = {
     "missing-label": "the label table gives no label for this image",
     "unlabelled": "an image the label table does not name",
     "missing-file": "the file named (by a label table or a prediction input) does not exist",
+    "outside-root": "a label table names a file outside its source folder ('..', an absolute path or a symlink "
+    "leading out); not read unless data.allow_outside_root is true",
     # the same picture carries different labels
     "duplicate-conflict": "identical files (or one file listed twice) with different labels",
     "near-duplicate-conflict": "near-identical images with different labels",
@@ -54,7 +58,8 @@ REASON_MEANINGS = {
     "path-not-allowed": "a file path the served model may not read (paths need predict.serve_path_root), "
     "or one that resolves outside its allowed folder (symlinks and '..' followed)",
     "not-a-file": "the path names a folder, device, pipe or socket, not a regular file",
-    "too-large": "more bytes than predict.max_image_bytes",
+    "too-large": "more bytes than the cap (ingest.max_file_bytes when ingesting, predict.max_image_bytes when "
+    "predicting); judged from the size alone, never read",
     "too-many-pixels": "width x height in the image header exceeds predict.max_pixels",
     "too-many-rows": "the request has more rows than predict.max_rows",
 }
@@ -133,13 +138,37 @@ def canonical_phash(image: Image.Image) -> bytes:
 
 
 def inspect_file(file: str, params: IngestParams) -> Inspection:
-    """Read, checksum and fully decode one file (read-only); say why it is unusable, if it is."""
+    """Read, checksum and fully decode one file (read-only); say why it is unusable, if it is.
+
+    What the file is and its size come first, from ``stat``: a folder, device or pipe, or a file
+    above ``params.max_file_bytes``, is rejected without reading a byte of it.
+    """
     try:
-        with open(file, "rb") as handle:
-            data = handle.read()
+        # non-blocking: opening a named pipe would otherwise wait for a writer
+        with os.fdopen(os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            refused = _refused_unread(os.fstat(handle.fileno()), params)
+            if refused.reason:
+                return refused
+            data = handle.read(params.max_file_bytes + 1)
     except OSError as exc:
         return Inspection(reason="unreadable", detail=exc.strerror or str(exc))
+    if len(data) > params.max_file_bytes:  # it grew between the stat and the read
+        return _too_large(len(data), params)
     return inspect_bytes(data, params)
+
+
+def _refused_unread(status: os.stat_result, params: IngestParams) -> Inspection:
+    """Why a file is refused from its ``stat`` alone (not a regular file, too large); no reason if it is not."""
+    if not stat.S_ISREG(status.st_mode):
+        return Inspection(reason="not-a-file", detail="a folder, device, pipe or socket, not a regular file")
+    if status.st_size > params.max_file_bytes:
+        return _too_large(status.st_size, params)
+    return Inspection()
+
+
+def _too_large(size: int, params: IngestParams) -> Inspection:
+    return Inspection(bytes=size, reason="too-large",
+                      detail=f"{size:,} bytes > ingest.max_file_bytes ({params.max_file_bytes:,}); not read")
 
 
 def inspect_bytes(data: bytes, params: IngestParams) -> Inspection:

@@ -103,6 +103,16 @@ def _relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+def _leaves_root(file: Path, root: Path) -> str:
+    """Why ``file`` lies outside ``root`` ('..', an absolute path, or a symlink leading out); '' if it does not."""
+    if os.path.commonpath([os.path.abspath(file), os.path.abspath(root)]) != os.path.abspath(root):
+        return "its path leads outside the source folder ('..' or an absolute path)"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(file), real_root]) != real_root:
+        return "a symlink on its path leads outside the source folder"
+    return ""
+
+
 def discover_folder(root: Path, data: DataParams) -> tuple[list[Candidate], list[Rejection]]:
     """Files of a ``<root>/<class>/<image>`` tree; files that fit no class become rejections."""
     candidates: list[Candidate] = []
@@ -208,8 +218,12 @@ def discover_table(
         rel = _relative(file, root)
         raw_label = row[label_column]
         label = _label_problem(raw_label, data, f"label in {table_name} line {line}:") if raw_label else None
+        outside = "" if data.allow_outside_root else _leaves_root(file, root)
         if not row[path_column or id_column]:
             rejections.append(Rejection(f"{table_name}:{line}", "missing-file", "the row names no image"))
+        elif outside:
+            rejections.append(Rejection(rel, "outside-root", f"named by {table_name} line {line}: {outside}; "
+                                        "not read (data.allow_outside_root is false)"))
         elif not file.exists():
             rejections.append(Rejection(rel, "missing-file", f"named by {table_name} line {line}, not found"))
         elif label is None:
@@ -220,7 +234,8 @@ def discover_table(
             group = f"{table_name}:{row[group_column]}" if group_column and row[group_column] else ""
             candidates.append(Candidate(rel, str(file), label, group))
     named = {c.path for c in candidates} | {r.path for r in rejections}
-    for file in walk_files(image_dir) if image_dir.is_dir() else ():
+    listed = image_dir.is_dir() and (data.allow_outside_root or not _leaves_root(image_dir, root))
+    for file in walk_files(image_dir) if listed else ():
         rel = _relative(file, root)
         if rel not in named and file != table_path and file.name != SAMPLE_FILE:
             rejections.append(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from PIL import Image
 from pipeline.config import NormalizeParams, ParamsError, parse_params
 from pipeline.imaging import read_rgb
 from pipeline.ingest import run_ingest
+from pipeline.inspection import inspect_file
 from pipeline.normalize import run_normalize
 from pipeline.sources import IngestError
 
@@ -400,3 +404,98 @@ def test_wbc_seg_label_tables_ingest_by_params_alone(tmp_path):
         cls: sum(summary["counts"][s][cls] for s in ("train", "val", "test")) for cls in summary["classes"]
     }
     assert total["neutrophil"] > total["basophil"] >= 3
+
+
+def _table_tree(root: Path, outside: Path) -> list[str]:
+    """Images under ``root/imgs`` named by ``root/labels.csv``, plus rows that lead outside ``root``."""
+    rows = ["path,label"]
+    for c, cls in enumerate(CLASSES):
+        for i in range(5):
+            _write(root / "imgs" / f"{cls}_{i}.png", _encode(_noise(700 + 10 * c + i), "PNG"))
+            rows.append(f"{cls}_{i}.png,{cls}")
+    _write(root / "imgs" / "inside.png", _encode(_noise(790), "PNG"))
+    (root / "imgs" / "sub").mkdir()
+    for n in range(3):
+        _write(outside / f"secret_{n}.png", _encode(_noise(800 + n), "PNG"))
+    (root / "imgs" / "link.png").symlink_to(outside / "secret_2.png")
+    rows += ["sub/../inside.png,neutrophil", "../../outside/secret_0.png,neutrophil",
+             f"{outside / 'secret_1.png'},lymphocyte", "link.png,monocyte"]
+    _write(root / "labels.csv", ("\n".join(rows) + "\n").encode())
+    return rows
+
+
+def _table_params(root: Path, **data) -> object:
+    return parse_params({"data": {"root": str(root), "classes": CLASSES, "source": "table",
+                                  "tables": [{"file": "labels.csv", "images": "imgs"}], **data},
+                         "ingest": {"workers": 1}})
+
+
+def test_label_table_paths_leading_outside_the_root_are_rejected(tmp_path):
+    root, outside = tmp_path / "raw", tmp_path / "outside"
+    _table_tree(root, outside)
+    run_ingest(_table_params(root), tmp_path / "interim", tmp_path / "reports", progress=False)
+    with (tmp_path / "interim" / "rejected.csv").open(newline="") as handle:
+        rejected = {row["path"]: (row["reason"], row["detail"]) for row in csv.DictReader(handle)}
+    assert {path: reason for path, (reason, _) in rejected.items()} == {
+        "../outside/secret_0.png": "outside-root", "../outside/secret_1.png": "outside-root",
+        "imgs/link.png": "outside-root"}
+    assert "symlink" in rejected["imgs/link.png"][1] and "labels.csv line" in rejected["imgs/link.png"][1]
+    assert all("data.allow_outside_root" in detail for _, detail in rejected.values())
+    with (tmp_path / "interim" / "manifest.csv").open(newline="") as handle:
+        kept = {row["path"] for row in csv.DictReader(handle)}
+    assert "imgs/inside.png" in kept and not any("secret" in path or "link" in path for path in kept)
+
+
+def test_a_param_lets_label_tables_reach_outside_the_root(tmp_path):
+    root, outside = tmp_path / "raw", tmp_path / "outside"
+    _table_tree(root, outside)
+    summary = run_ingest(_table_params(root, allow_outside_root=True), tmp_path / "interim", tmp_path / "reports",
+                         progress=False)
+    assert summary["n_rejected"] == 0 and summary["n_kept"] == 3 * 5 + 4
+
+
+def test_files_over_the_size_cap_are_rejected_from_their_size(tmp_path):
+    root = tmp_path / "raw"
+    _good_tree(root)
+    with (root / "neutrophil" / "huge.png").open("wb") as handle:
+        handle.truncate(5_000_000)  # sparse
+    _, manifest, rejected = _ingest(root, tmp_path, max_file_bytes=1_000_000)
+    reason, detail = rejected["neutrophil/huge.png"]
+    assert reason == "too-large" and "5,000,000 bytes > ingest.max_file_bytes (1,000,000)" in detail
+    assert len(manifest) == 15
+
+
+def test_a_named_pipe_is_rejected_without_waiting_for_a_writer(tmp_path):
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(inspect_file, str(pipe), parse_params({}).ingest)
+        try:
+            found = future.result(timeout=20)
+        finally:
+            if not future.done():  # a reader blocked in open(): let it go so the test can end
+                with open(pipe, "wb"):
+                    pass
+    assert found.reason == "not-a-file"
+
+
+def test_ingest_report_escapes_names_from_the_data(tmp_path):
+    markdown_it = pytest.importorskip("markdown_it")
+    root = tmp_path / "raw"
+    _good_tree(root)
+    weird_folder = "<b>x|y$z$"
+    weird_file = "neutrophil/a|b`c<i>d</i>$e$*f*.png"
+    _write(root / weird_folder / "cell.png", _encode(_noise(900), "PNG"))
+    _write(root / weird_file, b"not an image")
+    _write(root / "neutrophil" / "new\nline.png", b"not an image either")
+    _ingest(root, tmp_path)
+    text = (tmp_path / "reports" / "ingest.md").read_text(encoding="utf-8")
+    page = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
+    assert "<b>" not in page and "<i>" not in page
+    for shown in (f"{weird_folder}/cell.png", weird_file, "neutrophil/new\\x0aline.png", f"folder '{weird_folder}'"):
+        assert html.escape(shown, quote=False) in page, shown
+    rows = re.findall(r"<tr>(.*?)</tr>", page, flags=re.S)
+    rejected_rows = [row for row in rows if "not-an-image" in row or "unknown-class" in row]
+    assert rejected_rows and all(row.count("<td>") == 3 for row in rejected_rows if "<code>" in row)
+    outside_code = re.sub(r"(`+).*?\1", "", text)
+    assert not re.search(r"(?<!\\)\$", outside_code), "a '$' the Markdown viewer may read as maths"
