@@ -1,19 +1,24 @@
 """The ``wbc`` command line: one sub-command per DVC stage, plus tools around them.
 
 Every sub-command takes ``--params`` (default ``params.yaml``) and its input/output paths,
-whose defaults come from :mod:`pipeline.layout` and are the ones ``dvc.yaml`` uses. Errors in
-params or data end the command with a one-paragraph message and exit status 2, not a traceback.
+whose defaults come from :mod:`pipeline.layout` and are the ones ``dvc.yaml`` uses. ``-q`` and
+``--params`` go before or after the sub-command. An expected failure (params, data, MLflow,
+memory, a file) ends the command with one paragraph on stderr and exit status 1; a usage error
+with argparse's status 2. ``WBC_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
+from pipeline import __version__
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.layout import (
     AUGMENT_PREVIEW_FILE,
@@ -32,6 +37,17 @@ from pipeline.layout import (
     SAMPLE_DIR,
     SPLITS,
 )
+
+DESCRIPTION = "Train and evaluate white-blood-cell image classifiers: one sub-command per DVC stage, and tools."
+EPILOG = (
+    "Exit status: 0 done, 1 the command failed (bad params or data, MLflow, memory, a file; one paragraph on "
+    "stderr says what and where), 2 wrong usage. WBC_DEBUG=1 shows the full traceback of a failure."
+)
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class UsageError(Exception):
+    """Options that do not go together: reported like argparse's own usage errors (exit status 2)."""
 
 
 def _cmd_sample(args: argparse.Namespace, params: Params) -> None:
@@ -109,23 +125,41 @@ def _cmd_export(args: argparse.Namespace, params: Params) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
+    unused = [flag for flag, value in (("--name", args.name), ("--split", args.split != "all"), ("--map", args.map))
+              if value]
+    if unused and args.dataset is None:
+        raise UsageError(f"{', '.join(unused)} only apply with --dataset DIR (external validation)")
+    from pipeline.evaluator import METRICS_FILE, REPORT_HTML
+
     if args.dataset is not None:
         from pipeline.external import parse_map, run_external_evaluate, safe_name
 
         metrics = run_external_evaluate(params, args.models, args.dataset, args.reports, name=args.name,
                                         split=args.split, label_map=parse_map(args.map))
-        name = safe_name(args.name or args.dataset.resolve().name)
-        print(json.dumps(metrics, indent=2))
-        print(f"external validation report: {args.reports / 'external' / name / 'report.html'}")
+        out = args.reports / "external" / safe_name(args.name or args.dataset.resolve().name)
+        print(f"external validation: {metrics_summary(metrics)}\n  wrote {out / METRICS_FILE} and {out / REPORT_HTML}")
         return
-    unused = [flag for flag, value in (("--name", args.name), ("--split", args.split != "all"), ("--map", args.map))
-              if value]
-    if unused:
-        raise ValueError(f"{', '.join(unused)} only apply with --dataset DIR (external validation)")
     from pipeline.evaluate import run_evaluate
 
     metrics = run_evaluate(params, args.models, args.processed, args.interim, args.reports)
-    print(json.dumps(metrics, indent=2))
+    print(f"evaluate (test split): {metrics_summary(metrics)}\n"
+          f"  wrote {args.reports / METRICS_FILE} and {args.reports / REPORT_HTML}")
+
+
+def metrics_summary(metrics: dict[str, float]) -> str:
+    """One line of headline metrics: macro F1, balanced accuracy, accuracy, image count, weakest class."""
+    from pipeline.metrics import METRICS
+
+    short = {metric.key: metric.short for metric in METRICS}
+    parts = [f"{short[key]} {metrics[key]:.4f}" for key in ("macro_f1", "balanced_accuracy", "accuracy")
+             if key in metrics]
+    line = ", ".join(parts) + (f" on {int(metrics['n'])} images" if "n" in metrics else "")
+    recalls = {key.removeprefix("recall/"): value for key, value in metrics.items()
+               if key.startswith("recall/") and value == value}  # NaN: a class with no image
+    if recalls:
+        weakest = min(recalls, key=recalls.__getitem__)
+        line += f"; lowest {short['recall']}: {weakest} {recalls[weakest]:.4f}"
+    return line
 
 
 def _cmd_compare(args: argparse.Namespace, params: Params) -> None:
@@ -144,95 +178,189 @@ def _cmd_fetch(args: argparse.Namespace, params: Params) -> None:
           f"(set data.root to it in params.yaml)\n  licence {record['licence']}; cite: {record['citation']}")
 
 
+def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``--params`` and ``-q`` on the top parser and again on each sub-command, so that they go before
+    or after it. A sub-command's copy only sets them when given (SUPPRESS), never undoing the top's."""
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS if top else argparse.SUPPRESS,
+                        help=f"params file (default: {DEFAULT_PARAMS})")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="print nothing but errors: no progress bars, summaries or warnings")
+
+
+def _path(parser: argparse.ArgumentParser, flag: str, default: Path, what: str) -> None:
+    parser.add_argument(flag, type=Path, default=default, metavar=flag.removeprefix("--").upper(),
+                        help=f"{what} (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``wbc``."""
-    parser = argparse.ArgumentParser(prog="wbc", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    """The argument parser of the wbc command line."""
+    parser = argparse.ArgumentParser(prog="wbc", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    _common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         p.set_defaults(handler=handler)
+        _common_options(p, top=False)
         return p
 
     from pipeline.fetch import DATASETS
 
     p = command("fetch", _cmd_fetch, f"download a public dataset (checksummed, resumable) into {RAW}")
-    p.add_argument("dataset", choices=list(DATASETS))
-    p.add_argument("--dest", type=Path, default=RAW)
+    p.add_argument("dataset", choices=list(DATASETS), help="dataset to download: %(choices)s")
+    _path(p, "--dest", RAW, "folder the dataset is downloaded and unpacked into")
     p.add_argument("--force", action="store_true", help="download and unpack again even if present")
 
     p = command("sample", _cmd_sample, "generate the synthetic blood-smear sample")
-    p.add_argument("--out", type=Path, default=SAMPLE_DIR)
+    _path(p, "--out", SAMPLE_DIR, "folder of the generated images")
 
     p = command("ingest", _cmd_ingest, "validate, hash and split the raw images into a manifest")
-    p.add_argument("--out", type=Path, default=INTERIM)
-    p.add_argument("--reports", type=Path, default=REPORTS)
+    _path(p, "--out", INTERIM, f"folder of {MANIFEST_FILE}, {REJECTED_FILE} and {INGEST_SUMMARY_FILE}")
+    _path(p, "--reports", REPORTS, "folder of the readable ingest report")
 
     p = command("normalize", _cmd_normalize, "resize every kept image to a square RGB array for training")
-    p.add_argument("--manifest", type=Path, default=INTERIM / MANIFEST_FILE)
-    p.add_argument("--out", type=Path, default=PROCESSED)
+    _path(p, "--manifest", INTERIM / MANIFEST_FILE, "manifest written by wbc ingest")
+    _path(p, "--out", PROCESSED, f"folder of {IMAGES_FILE} and {INDEX_FILE}")
 
     p = command("augment", _cmd_augment, "build, save and preview the augmentation policy")
-    p.add_argument("--processed", type=Path, default=PROCESSED)
-    p.add_argument("--policy", type=Path, default=POLICY)
-    p.add_argument("--preview", type=Path, default=REPORTS / AUGMENT_PREVIEW_FILE)
+    _path(p, "--processed", PROCESSED, "normalized images (output of wbc normalize)")
+    _path(p, "--policy", POLICY, "where the serialised policy is written")
+    _path(p, "--preview", REPORTS / AUGMENT_PREVIEW_FILE, "preview grid of augmented images")
 
     p = command("train", _cmd_train, "train the classifier (resumes an interrupted run)")
-    p.add_argument("--processed", type=Path, default=PROCESSED)
-    p.add_argument("--interim", type=Path, default=INTERIM)
-    p.add_argument("--policy", type=Path, default=POLICY)
-    p.add_argument("--models", type=Path, default=MODELS)
-    p.add_argument("--reports", type=Path, default=REPORTS)
+    _path(p, "--processed", PROCESSED, "normalized images (output of wbc normalize)")
+    _path(p, "--interim", INTERIM, "ingest outputs (its summary is logged with the run)")
+    _path(p, "--policy", POLICY, "augmentation policy (output of wbc augment)")
+    _path(p, "--models", MODELS, "folder of the trained model and its run record")
+    _path(p, "--reports", REPORTS, "folder of the training history")
 
     p = command("predict", _cmd_predict, "classify new images: files, folders (recursive) or manifest CSVs")
     p.add_argument("inputs", nargs="+", type=Path, metavar="PATH",
                    help="image file, folder, or CSV with a 'path' column (paths relative to the CSV)")
-    p.add_argument("--model", type=Path, default=MODELS / MODEL_FILE, help="trained model (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=REPORTS / "predictions_new.csv", help="CSV (default: %(default)s)")
+    _path(p, "--model", MODELS / MODEL_FILE, "trained model")
+    _path(p, "--out", REPORTS / "predictions_new.csv", "CSV of predictions, one row per input image")
     p.add_argument("--json", nargs="?", const="", metavar="FILE",
-                   help="also write JSON (default file: the CSV's name with .json)")
+                   help="also write JSON to FILE (without FILE: the CSV's name with .json; default: no JSON)")
 
     p = command("export", _cmd_export, "export the trained model to ONNX and/or TorchScript, checked against PyTorch")
-    p.add_argument("--model", type=Path, default=MODELS / MODEL_FILE, help="trained model (default: %(default)s)")
-    p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="both")
-    p.add_argument("--out", type=Path, default=MODELS / "export", help="output folder (default: %(default)s)")
+    _path(p, "--model", MODELS / MODEL_FILE, "trained model")
+    p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="both",
+                   help="what to export: %(choices)s (default: %(default)s)")
+    _path(p, "--out", MODELS / "export", "output folder")
     p.add_argument("--images", nargs="+", type=Path, metavar="IMAGE",
                    help="image files for the parity check (default: 8 random images)")
 
     p = command("evaluate", _cmd_evaluate, "evaluate the trained model on the test split and write the report")
-    p.add_argument("--processed", type=Path, default=PROCESSED)
-    p.add_argument("--interim", type=Path, default=INTERIM)
-    p.add_argument("--models", type=Path, default=MODELS)
-    p.add_argument("--reports", type=Path, default=REPORTS)
+    _path(p, "--processed", PROCESSED, "normalized images (output of wbc normalize)")
+    _path(p, "--interim", INTERIM, "ingest outputs (provenance of the data)")
+    _path(p, "--models", MODELS, "folder of the trained model (output of wbc train)")
+    _path(p, "--reports", REPORTS, "folder of metrics, tables, figures and report.html")
     p.add_argument("--dataset", type=Path, metavar="DIR",
                    help="external validation on another ingested + normalized dataset (DIR/interim, DIR/processed); "
-                        "report in REPORTS/external/NAME/")
+                        "report in REPORTS/external/NAME/ (default: none, the test split)")
     p.add_argument("--name", help="name of the external dataset in reports and MLflow (default: DIR's name)")
     p.add_argument("--split", choices=["all", *SPLITS], default="all",
-                   help="split of the external dataset to evaluate (default: %(default)s)")
+                   help="split of the external dataset to evaluate: %(choices)s (default: %(default)s)")
     p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",
-                   help="map an external label to a model class (repeatable); LABEL= marks it unknown to the model")
+                   help="map an external label to a model class (repeatable); LABEL= marks it unknown to the model "
+                        "(default: labels are matched to class names)")
 
     p = command("compare", _cmd_compare, "compare the runs of an MLflow experiment: table and bar plot in reports/")
     p.add_argument("--experiment", help="MLflow experiment (default: train.experiment from params)")
-    p.add_argument("--reports", type=Path, default=REPORTS)
+    _path(p, "--reports", REPORTS, "folder of compare.csv, compare.md and compare.png")
     return parser
 
 
+def _mlflow_error() -> type[BaseException] | None:
+    """MLflow's exception class when MLflow is loaded (an MLflow error cannot happen before that)."""
+    module = sys.modules.get("mlflow.exceptions")
+    return None if module is None else module.MlflowException
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The failures a user can cause or fix (params, data, files, memory, a missing package, MLflow);
+    anything else is a bug and keeps its traceback."""
+    mlflow_error = _mlflow_error()
+    return (ParamsError, ValueError, RuntimeError, OSError, MemoryError, ImportError,
+            *([mlflow_error] if mlflow_error else []))
+
+
+def describe_failure(exc: BaseException, command: str) -> str:
+    """One paragraph for stderr saying what failed and where (the file, key or store it concerns)."""
+    text = str(exc).strip()
+    mlflow_error = _mlflow_error()
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        what = f"{exc.strerror}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    elif isinstance(exc, MemoryError):
+        what = ("out of memory" + (f" ({text})" if text else "") + "; lower the workers or batch_size params, "
+                "or look for oversized files in the data (ingest.max_file_bytes rejects them before reading)")
+    elif isinstance(exc, ModuleNotFoundError):
+        what = f"the Python package {exc.name!r} is not installed ({text}); install the project with its extras"
+    elif mlflow_error is not None and isinstance(exc, mlflow_error):
+        what = _mlflow_failure(getattr(exc, "message", text))
+    else:
+        what = text or type(exc).__name__
+    lines = [line.rstrip() for line in what.splitlines() if line.strip()]  # one paragraph: no blank lines
+    return f"wbc {command}: error: " + "\n".join(lines) + "\n(set WBC_DEBUG=1 for the full traceback)"
+
+
+def _mlflow_failure(message: str) -> str:
+    """An MLflow error message naming the tracking store, with any password in its URI hidden."""
+    import mlflow
+
+    from pipeline.tracking import redact_uri
+
+    uri = mlflow.get_tracking_uri()
+    return f"MLflow (tracking store {redact_uri(uri)}): {message.replace(uri, redact_uri(uri))}"
+
+
+@contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """With ``enabled``: stdout, logging below ERROR and warnings silenced while the command runs."""
+    if not enabled:
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as sink, redirect_stdout(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def _sub_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``wbc`` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the wbc console script; returns the exit status (0 done, 1 failed, 2 wrong usage,
+    130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(os.environ.get("WBC_DEBUG"))
     try:
-        params = load_params(args.params)
-        args.handler(args, params)
-    except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        if os.environ.get("WBC_DEBUG"):
-            raise
-        print(f"wbc {args.command}: error: {exc}", file=sys.stderr)
-        print("(set WBC_DEBUG=1 for the full traceback)", file=sys.stderr)
+        with _quiet(args.quiet):
+            params = load_params(args.params)
+            args.handler(args, params)
+    except UsageError as exc:  # reported as argparse reports its own, but returned, not raised as SystemExit
+        sub = _sub_parser(parser, args.command)
+        sub.print_usage(sys.stderr)
+        print(f"{sub.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"wbc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug or not isinstance(exc, (ParamsError, *_expected_errors())):
+            raise
+        print(describe_failure(exc, args.command), file=sys.stderr)
+        return 1
     return 0
 
 

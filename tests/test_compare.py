@@ -72,7 +72,7 @@ def test_compare_cli_and_errors(experiment, tmp_path, capsys):
     assert "3 runs" in capsys.readouterr().out
     assert {p.name for p in reports.iterdir()} == {"compare.csv", "compare.md", "compare.png"}
     assert main(["--params", str(REPO / "params.yaml"), "compare", "--experiment", "no-such-experiment",
-                 "--reports", str(reports)]) == 2
+                 "--reports", str(reports)]) == 1
     err = capsys.readouterr().err
     assert "no MLflow experiment named 'no-such-experiment'" in err and experiment in err
     mlflow.create_experiment(f"{experiment}-empty")

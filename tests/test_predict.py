@@ -188,7 +188,7 @@ def test_cli_writes_csv_json_and_summary(tiny_processed, tiny_model, tmp_path, c
     params_file.write_text(yaml.safe_dump({"predict": {"threshold": threshold, "workers": 0, "device": "cpu"}}))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     out = tmp_path / "out" / "pred.csv"
-    code = main(["--quiet", "--params", str(params_file), "predict", str(raw / "ig"), str(tmp_path / "broken.jpg"),
+    code = main(["--params", str(params_file), "predict", str(raw / "ig"), str(tmp_path / "broken.jpg"),
                  "--model", str(tiny_model), "--out", str(out), "--json"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -207,7 +207,7 @@ def test_cli_writes_csv_json_and_summary(tiny_processed, tiny_model, tmp_path, c
 
 def test_cli_reports_a_missing_model(tmp_path, capsys):
     code = main(["predict", str(tmp_path), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "p.csv")])
-    assert code == 2
+    assert code == 1
     assert "none.pt: trained model not found" in capsys.readouterr().err
 
 
