@@ -222,12 +222,12 @@ ColourLevel = Annotated[int, Field(ge=0, le=255)]
 
 # Synthetic sites modelled on the real ones (see the data README): stain, light, optics and framing.
 SITE_PRESETS: dict[str, dict[str, object]] = {
-    # May-Grunwald-Giemsa, CellaVision DM96: the default look; cell in context, ~1/3 of a 360 px field.
-    "barcelona-like": {"size": 360, "jpeg_quality": 95},
+    # May-Grunwald-Giemsa, CellaVision DM96: the default look, crisper; cell in context, ~1/3 of a 360 px field.
+    "barcelona-like": {"size": 360, "blur": 0.5, "jpeg_quality": 95},
     # CellaVision images from another lab: paler nuclei, redder red cells, cell ~1/2 of a 300 px crop.
     "cellavision-like": {
         "size": 300, "background": (252, 226, 200), "saturation": 0.94, "white_cell_stain": 0.8,
-        "red_cell_stain": 1.15, "cell_scale": 1.45, "blur": 1.2, "jpeg_quality": 85,
+        "red_cell_stain": 1.15, "cell_scale": 1.45, "blur": 0.6, "jpeg_quality": 85,
     },
     # Fast stain: yellow background, dark maroon nuclei, tan cytoplasm, pale red cells; soft tight 120 px crop.
     "jiangxi-like": {
@@ -238,8 +238,8 @@ SITE_PRESETS: dict[str, dict[str, object]] = {
     # with black padding where a cell lay near the image edge.
     "tehran-like": {
         "size": 224, "background": (253, 252, 252), "stain_hue": 9.0, "red_cell_hue": -60.0,
-        "white_cell_stain": 0.52, "red_cell_stain": 1.35, "cell_scale": 1.3, "vignetting": 0.1, "noise": 1.5,
-        "jpeg_quality": 95, "edge_padding": 0.15,
+        "white_cell_stain": 0.52, "red_cell_stain": 1.35, "cell_scale": 1.3, "vignetting": 0.1, "blur": 0.7,
+        "noise": 1.5, "jpeg_quality": 95, "edge_padding": 0.15,
     },
 }
 

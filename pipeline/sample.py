@@ -94,9 +94,9 @@ _PNG_SETTINGS = [cv2.IMWRITE_PNG_COMPRESSION, 6]
 _SITE_PNG_SETTINGS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 _FILE_PATTERN = re.compile(r"^(?P<cls>[a-z]+)_\d{4,}\.png$")
 _MANIFEST = "SAMPLE.json"
-# A site's scene is drawn at most this many pixels per field of the default magnification and then
-# resized to the site's size: the finishing blur hides finer detail, and large sites stay fast.
-_DRAWN_FIELD = 192
+# A site's scene is drawn at most this many pixels per field of the default magnification, then resized
+# to the site's size: details stay crisp at 360 px, and a large site draws in about 2/3 of the time.
+_DRAWN_FIELD = 288
 
 RGB = tuple[float, float, float]
 
