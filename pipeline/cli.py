@@ -22,6 +22,7 @@ from pipeline import __version__
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.layout import (
     AUGMENT_PREVIEW_FILE,
+    CROSS_SITE,
     IMAGES_FILE,
     INDEX_FILE,
     INGEST_SUMMARY_FILE,
@@ -162,6 +163,18 @@ def metrics_summary(metrics: dict[str, float]) -> str:
     return line
 
 
+def _cmd_crosssite(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.crosssite import REPORT_FILE, run_crosssite
+
+    metrics = run_crosssite(params, args.processed, args.policy, args.out, progress=not args.quiet)
+    if "worst_out_of_site_macro_f1" in metrics:
+        print(f"crosssite: {int(metrics['sites'])} sites left out in turn; out-of-site macro F1 worst "
+              f"{metrics['worst_out_of_site_macro_f1']:.4f}, mean {metrics['mean_out_of_site_macro_f1']:.4f}")
+    else:
+        print("crosssite: one site only, nothing to leave out")
+    print(f"  wrote {args.out / REPORT_FILE}")
+
+
 def _cmd_compare(args: argparse.Namespace, params: Params) -> None:
     from pipeline.compare import run_compare
 
@@ -266,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",
                    help="map an external label to a model class (repeatable); LABEL= marks it unknown to the model "
                         "(default: labels are matched to class names)")
+
+    p = command("crosssite", _cmd_crosssite,
+                "leave one site out: train on the other sites, score the site left out, for every site")
+    _path(p, "--processed", PROCESSED, "normalized images of every site (output of wbc normalize)")
+    _path(p, "--policy", POLICY, "augmentation policy (output of wbc augment)")
+    _path(p, "--out", CROSS_SITE, "folder of the table, report, figure and metrics (replaced whole)")
 
     p = command("compare", _cmd_compare, "compare the runs of an MLflow experiment: table and bar plot in reports/")
     p.add_argument("--experiment", help="MLflow experiment (default: train.experiment from params)")

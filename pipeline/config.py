@@ -480,6 +480,10 @@ class TrainParams(_Section):
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
     class_weighting: Literal["none", "loss", "sampler"] = "loss"
+    batch_norm: Literal["batch", "frozen"] = Field(
+        "batch", description="batch: BatchNorm learns the training sites' statistics; frozen: it keeps the "
+        "pretrained (ImageNet) statistics throughout, so it never normalises with one site's batch statistics"
+    )
     patience: int = Field(0, ge=0, description="epochs without val macro-F1 gain before stopping; 0 = off")
     seed: int = 0
     num_workers: int = Field(2, ge=0)
@@ -548,6 +552,14 @@ class PredictParams(_Section):
     )
 
 
+class CrossSiteParams(_Section):
+    """The cross-site stage: leave each site out, train on the others, score the one left out."""
+
+    adapt_bn: bool = Field(True, description="also score each left-out site after test-time BatchNorm adaptation")
+    epochs: int | None = Field(None, ge=1, description="epochs of each fold's training; None = train.epochs")
+    sites: list[str] = Field(default_factory=list, description="sites to leave out in turn; empty = every site")
+
+
 class Params(_Section):
     """All pipeline parameters, one section per stage."""
 
@@ -559,6 +571,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
+    crosssite: CrossSiteParams = CrossSiteParams()
 
     @model_validator(mode="after")
     def _holdout_sites_exist(self) -> Params:
@@ -566,6 +579,9 @@ class Params(_Section):
         unknown = [site for site in self.ingest.holdout_sites if site not in sites]
         if unknown:
             raise ValueError(f"ingest.holdout_sites {unknown} are not sites of data (sites: {', '.join(sites)})")
+        unknown_folds = [site for site in self.crosssite.sites if site not in sites]
+        if unknown_folds:
+            raise ValueError(f"crosssite.sites {unknown_folds} are not sites of data (sites: {', '.join(sites)})")
         if set(sites) <= set(self.ingest.holdout_sites):
             raise ValueError(f"ingest.holdout_sites holds every site ({', '.join(sites)}); keep one for training")
         return self

@@ -16,6 +16,7 @@ PROCESSED = Path("data/processed")
 POLICY = Path("data/augment/policy.json")
 MODELS = Path("models")
 REPORTS = Path("reports")
+CROSS_SITE = REPORTS / "crosssite"  # the cross-site stage's table, report, figure and metrics
 
 # Ingest (in INTERIM, report in REPORTS).
 MANIFEST_FILE = "manifest.csv"

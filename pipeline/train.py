@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ from pipeline.config import Params, TrainParams
 from pipeline.data import EpochSampler, ProcessedImages, Split, images_identity, load_index, select_split
 from pipeline.inference import pick_device, predict_logits, save_model
 from pipeline.layout import IMAGES_FILE, MODEL_FILE
-from pipeline.model_meta import ModelMeta
-from pipeline.models import get_backbone
 from pipeline.training import (
     Distributed,
     TrainState,
@@ -48,16 +45,14 @@ from pipeline.training import (
     build_model,
     build_optimizer,
     build_scheduler,
-    evaluate_split,
-    freeze_norm_statistics,
     frozen_epochs,
     is_pretrained,
     make_loader,
+    model_meta,
     read_checkpoint,
     save_checkpoint,
-    set_backbone_trainable,
     setup_distributed,
-    train_one_epoch,
+    train_and_validate,
     train_sampler,
     wrap_model,
 )
@@ -247,32 +242,9 @@ def log_run_inputs(params: Params, data: TrainData, ddp: Distributed, device: to
 
 def run_epoch(epoch: int, cfg: TrainParams, data: TrainData, state: TrainState, net: nn.Module, loss_fn: nn.Module,
               device: torch.device) -> dict[str, float]:
-    """Train epoch ``epoch`` (0-based; the backbone stays frozen for the first ``freeze_epochs`` of a
-    pretrained run), validate, and return the epoch's history row."""
-    started = time.perf_counter()
-    frozen = epoch < frozen_epochs(cfg)
-    set_backbone_trainable(state.model, cfg.model, not frozen)
-    net.train()
-    if frozen:
-        freeze_norm_statistics(state.model)
-    data.sampler.set_epoch(epoch)
-    try:
-        train_loss = train_one_epoch(net, data.train_loader, loss_fn, state.optimizer, state.scheduler, device,
-                                     cfg.grad_clip)
-    except torch.cuda.OutOfMemoryError:
-        half = max(1, cfg.batch_size // 2)
-        raise RuntimeError(f"GPU out of memory at batch size {cfg.batch_size} with {cfg.model} at {cfg.image_size}px; "
-                           f"try train.batch_size: {half} (e.g. dvc exp run -S train.batch_size={half})") from None
-    val = evaluate_split(state.model, data.val_loader, device, len(data.classes), nn.CrossEntropyLoss())
-    return {
-        "epoch": epoch + 1,
-        "train_loss": train_loss,
-        "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"],
-        "val_macro_f1": val["macro_f1"],
-        "lr": max(group["lr"] for group in state.optimizer.param_groups),
-        "seconds": time.perf_counter() - started,
-    }
+    """Train epoch ``epoch`` (0-based), validate, and return the epoch's history row."""
+    return train_and_validate(epoch, cfg, state.model, net, state.optimizer, state.scheduler, data.sampler,
+                              data.train_loader, data.val_loader, loss_fn, device, len(data.classes))
 
 
 def end_epoch(state: TrainState, record: dict[str, float], improved: bool, checkpoint_dir: Path, cfg: TrainParams,
@@ -299,7 +271,8 @@ def write_outputs(params: Params, state: TrainState, data: TrainData, run: Activ
     # Temperature scaling, fitted once on the validation split and saved with the model, so
     # evaluation, prediction and the exported/served model all use the same calibration.
     temperature = fit_temperature(*predict_logits(model, data.val_loader, device))
-    save_model(model_dir / MODEL_FILE, model, trained_model_meta(params, state, temperature))
+    save_model(model_dir / MODEL_FILE, model,
+               model_meta(params, state.best_epoch, state.best_score, temperature, state.run_id))
     with atomic_path(reports_dir / HISTORY_FILE) as tmp:
         pd.DataFrame(state.history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
     mlflow.log_metrics({"best_val_macro_f1": state.best_score, "best_epoch": state.best_epoch,
@@ -316,26 +289,6 @@ def write_outputs(params: Params, state: TrainState, data: TrainData, run: Activ
     write_json(model_dir / "run.json", run_record)
 
 
-def trained_model_meta(params: Params, state: TrainState, temperature: float) -> ModelMeta:
-    """The metadata saved with the best weights: how to rebuild and feed the network, its score,
-    its calibration and the run that made it."""
-    cfg = params.train
-    backbone = get_backbone(cfg.model)
-    return ModelMeta(
-        model=cfg.model,
-        classes=tuple(params.data.classes),
-        image_size=cfg.image_size,
-        mean=backbone.mean,
-        std=backbone.std,
-        normalize=params.normalize,
-        pretrained=cfg.pretrained,
-        best_epoch=state.best_epoch,
-        best_val_macro_f1=state.best_score,
-        temperature=temperature,
-        run_id=state.run_id,
-    )
-
-
 def log_served_model(params: Params, model_path: Path, example: np.ndarray) -> dict[str, str]:
     """Log the pyfunc model (registered when ``train.registered_model`` names it); its entries for
     ``run.json``."""
@@ -345,7 +298,7 @@ def log_served_model(params: Params, model_path: Path, example: np.ndarray) -> d
 
     registered = params.train.registered_model
     info = log_pyfunc_model(model_path, params, list(params.data.classes), example, registered)
-    record = {"model_uri": info.model_uri}
+    record = {"model_uri": info.model_uri, "model_id": info.model_id}
     if registered:
         record.update(registered_model=registered, registered_model_version=str(info.registered_model_version))
     return record

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -24,10 +26,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, WeightedRandomSampler
 
 from pipeline.atomic import atomic_path
-from pipeline.config import TrainParams
-from pipeline.data import EpochSampler
+from pipeline.calibration import fit_temperature
+from pipeline.config import Params, TrainParams
+from pipeline.data import EpochSampler, ProcessedImages, Split
 from pipeline.inference import autocast, predict_logits
-from pipeline.models import Classifier, build_classifier, head_parameters
+from pipeline.model_meta import ModelMeta
+from pipeline.models import Classifier, build_classifier, get_backbone, head_parameters
 
 
 @dataclass(frozen=True)
@@ -177,10 +181,11 @@ def set_backbone_trainable(model: nn.Module, model_name: str, trainable: bool) -
             param.requires_grad_(trainable)
 
 
-def freeze_norm_statistics(model: nn.Module) -> None:
-    """Keep frozen BatchNorm layers on their ImageNet statistics."""
+def freeze_norm_statistics(model: nn.Module, everywhere: bool = False) -> None:
+    """Keep frozen BatchNorm layers (``everywhere``: all of them) on their ImageNet statistics: in
+    eval mode they normalise with the stored statistics, never with the batch's."""
     for module in model.modules():
-        if isinstance(module, _BatchNorm) and not module.weight.requires_grad:
+        if isinstance(module, _BatchNorm) and (everywhere or not module.weight.requires_grad):
             module.eval()
 
 
@@ -311,3 +316,93 @@ def save_checkpoint(path: Path, obj: Any) -> None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint` (weights only: nothing is unpickled)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_and_validate(epoch: int, cfg: TrainParams, model: Classifier, net: nn.Module,
+                       optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                       sampler: EpochSampler,
+                       train_loader: DataLoader, val_loader: DataLoader, loss_fn: nn.Module, device: torch.device,
+                       num_classes: int) -> dict[str, float]:
+    """Train epoch ``epoch`` (0-based; the backbone stays frozen, with its BatchNorm statistics, for
+    the first ``freeze_epochs`` of a pretrained run), validate, and return the epoch's history row."""
+    started = time.perf_counter()
+    frozen = epoch < frozen_epochs(cfg)
+    set_backbone_trainable(model, cfg.model, not frozen)
+    net.train()
+    if frozen or cfg.batch_norm == "frozen":
+        freeze_norm_statistics(model, everywhere=cfg.batch_norm == "frozen")
+    sampler.set_epoch(epoch)
+    try:
+        train_loss = train_one_epoch(net, train_loader, loss_fn, optimizer, scheduler, device, cfg.grad_clip)
+    except torch.cuda.OutOfMemoryError:
+        half = max(1, cfg.batch_size // 2)
+        raise RuntimeError(f"GPU out of memory at batch size {cfg.batch_size} with {cfg.model} at {cfg.image_size}px; "
+                           f"try train.batch_size: {half} (e.g. dvc exp run -S train.batch_size={half})") from None
+    val = evaluate_split(model, val_loader, device, num_classes, nn.CrossEntropyLoss())
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "val_macro_f1": val["macro_f1"],
+        "lr": max(group["lr"] for group in optimizer.param_groups),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+@dataclass
+class Fitted:
+    """A network trained in memory by :func:`fit`: the best weights by val macro-F1 and their story."""
+
+    model: Classifier
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_macro_f1: float
+    temperature: float
+
+
+def fit(cfg: TrainParams, num_classes: int, processed_dir: Path, train: Split, val: Split, policy: A.Compose | None,
+        device: torch.device, *, model: Classifier | None = None, progress: str = "") -> Fitted:
+    """Train on ``train`` and keep the weights that score best on ``val`` (macro-F1), then fit the
+    temperature on ``val``: the train stage's recipe without checkpoints or tracking, for the runs
+    that other stages make (one per left-out site, a few-shot adaptation). ``model`` continues from
+    given weights (fine-tuning) instead of building the network afresh. ``progress`` names the run
+    in a line printed per epoch; empty = silent."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes, device) if model is None else model.to(device)
+    train_set = ProcessedImages(processed_dir, train, cfg.image_size, policy, cfg.seed)
+    sampler = train_sampler(cfg, train_set, train.labels, num_classes, Distributed(),
+                            torch.Generator().manual_seed(cfg.seed))
+    train_loader = make_loader(train_set, cfg, device, sampler)
+    val_loader = make_loader(ProcessedImages(processed_dir, val, cfg.image_size), cfg, device)
+    loss_fn = build_loss(cfg, train.labels, num_classes, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    net = wrap_model(model, cfg, Distributed(), device)
+    history: list[dict[str, float]] = []
+    best_state, best_epoch, best_score = None, -1, -1.0
+    for epoch in range(cfg.epochs):
+        record = train_and_validate(epoch, cfg, model, net, optimizer, scheduler, sampler, train_loader, val_loader,
+                                    loss_fn, device, num_classes)
+        history.append(record)
+        if record["val_macro_f1"] > best_score:
+            best_score, best_epoch = record["val_macro_f1"], epoch + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if progress:
+            print(f"{progress}: epoch {epoch + 1}/{cfg.epochs} train_loss {record['train_loss']:.4f} "
+                  f"val_macro_f1 {record['val_macro_f1']:.4f} ({record['seconds']:.1f}s)", flush=True)
+    model.load_state_dict(best_state)
+    model.eval()
+    temperature = fit_temperature(*predict_logits(model, val_loader, device))
+    return Fitted(model, history, best_epoch, best_score, temperature)
+
+
+def model_meta(params: Params, best_epoch: int, best_score: float, temperature: float | None,
+               run_id: str | None = None) -> ModelMeta:
+    """The metadata saved with trained weights: how to rebuild and feed the network, its score, its
+    calibration and the run that made it."""
+    cfg = params.train
+    backbone = get_backbone(cfg.model)
+    return ModelMeta(model=cfg.model, classes=tuple(params.data.classes), image_size=cfg.image_size,
+                     mean=backbone.mean, std=backbone.std, normalize=params.normalize, pretrained=cfg.pretrained,
+                     best_epoch=best_epoch, best_val_macro_f1=best_score, temperature=temperature, run_id=run_id)

@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO, tiny_params
 
 from pipeline import train as train_module
+from pipeline import training as training_module
 from pipeline.layout import IMAGES_FILE
 from pipeline.models import _monai_efficientnet_key, build_classifier, head_parameters
 from pipeline.normalize import run_normalize
@@ -157,13 +158,13 @@ def test_same_seed_same_history_on_cpu(tiny_processed, tmp_path):
 def test_frozen_backbone_epochs_leave_the_backbone_untouched(tiny_processed, tmp_path, monkeypatch):
     _, processed, policy = tiny_processed
     snapshots = []
-    real_evaluate = train_module.evaluate_split
+    real_evaluate = training_module.evaluate_split
 
     def spy(model, *args, **kwargs):
         snapshots.append({k: v.clone() for k, v in model.net.state_dict().items()})
         return real_evaluate(model, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_split", spy)
+    monkeypatch.setattr(training_module, "evaluate_split", spy)
     weights = tmp_path / "lite0-like.pth"
     state = build_classifier("efficientnet-lite0", 1000, 32).net.state_dict()
     torch.save({_monai_efficientnet_key(k): v for k, v in state.items()}, weights)
@@ -202,7 +203,7 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_processed, tmp_path, monkey
 def _interrupted_in_epoch(epoch, monkeypatch, params, processed, policy, out) -> str:
     """Run training into ``out`` and interrupt it in ``epoch`` after that epoch has trained but
     before it is checkpointed (a kill mid-epoch); return the MLflow run id of its checkpoint."""
-    real_evaluate = train_module.evaluate_split
+    real_evaluate = training_module.evaluate_split
     calls = {"n": 0}
 
     def die_in_epoch(*args, **kwargs):
@@ -211,10 +212,10 @@ def _interrupted_in_epoch(epoch, monkeypatch, params, processed, policy, out) ->
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_split", die_in_epoch)
+    monkeypatch.setattr(training_module, "evaluate_split", die_in_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_train(params, processed, policy, out / "models", out / "reports", progress=False)
-    monkeypatch.setattr(train_module, "evaluate_split", real_evaluate)
+    monkeypatch.setattr(training_module, "evaluate_split", real_evaluate)
     checkpoint = read_checkpoint(out / "models" / "checkpoints" / "last.pt")
     assert checkpoint["epoch"] == epoch - 1
     return checkpoint["run_id"]
@@ -267,9 +268,9 @@ def test_checkpoint_of_other_normalized_data_is_not_resumed(tiny_processed, tmp_
 
 _KILLED_IN_SECOND_EPOCH = textwrap.dedent("""
     import os, signal, sys
-    from pipeline import cli, train
+    from pipeline import cli, training
 
-    evaluate, calls = train.evaluate_split, []
+    evaluate, calls = training.evaluate_split, []
 
     def evaluate_or_die(*args, **kwargs):
         calls.append(None)
@@ -277,7 +278,7 @@ _KILLED_IN_SECOND_EPOCH = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return evaluate(*args, **kwargs)
 
-    train.evaluate_split = evaluate_or_die
+    training.evaluate_split = evaluate_or_die
     sys.exit(cli.main(sys.argv[1:]))
 """)
 
