@@ -183,6 +183,17 @@ def _cmd_compare(args: argparse.Namespace, params: Params) -> None:
           f"{args.reports / 'compare.csv'}, compare.md, compare.png")
 
 
+def _cmd_promote(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.promote import run_promote
+
+    result = run_promote(params, args.model_version)
+    was = f"version {result['previous']}" if result["previous"] else "unset"
+    print(f"promote: {result['name']} version {result['version']} is now champion (was {was}); "
+          f"test data {result['dataset']}")
+    for line in result["gates"]:
+        print(f"  {line}")
+
+
 def _cmd_fetch(args: argparse.Namespace, params: Params) -> None:
     from pipeline.fetch import run_fetch
 
@@ -289,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("compare", _cmd_compare, "compare the runs of an MLflow experiment: table and bar plot in reports/")
     p.add_argument("--experiment", help="MLflow experiment (default: train.experiment from params)")
     _path(p, "--reports", REPORTS, "folder of compare.csv, compare.md and compare.png")
+
+    p = command("promote", _cmd_promote, "make the evaluated model (alias candidate) the champion when its test "
+                "metrics pass the promote gates in params; exit status 1 with the failing numbers otherwise")
+    p.add_argument("--model-version", metavar="N",
+                   help="registered model version to promote (default: the one with alias candidate)")
     return parser
 
 

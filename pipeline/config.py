@@ -560,6 +560,16 @@ class CrossSiteParams(_Section):
     sites: list[str] = Field(default_factory=list, description="sites to leave out in turn; empty = every site")
 
 
+class PromoteParams(_Section):
+    """Gates ``wbc promote`` checks before the evaluated model (alias ``candidate``) becomes the one a lab
+    should use (alias ``champion``): its test metrics, as linked to the logged model."""
+
+    min_macro_f1: Probability = Field(0.8, description="lowest test macro-F1 a champion may have")
+    min_class_recall: Probability = Field(
+        0.6, description="lowest test recall any class may have (a class without test images fails)"
+    )
+
+
 class Params(_Section):
     """All pipeline parameters, one section per stage."""
 
@@ -571,6 +581,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
+    promote: PromoteParams = PromoteParams()
     crosssite: CrossSiteParams = CrossSiteParams()
 
     @model_validator(mode="after")

@@ -2,7 +2,9 @@
 
 Writes ``metrics.json`` (DVC metrics), ``per_class.csv`` and ``predictions.csv`` (DVC plots),
 pictures under ``figures/`` and ``report.html``/``report.md``, and logs all of it into the
-MLflow run that trained the model. The work is :func:`pipeline.evaluator.evaluate_rows`; this
+MLflow run that trained the model, linked to the logged model and to the test data (an MLflow
+dataset whose digest is DVC's hash); the model's registered version gets the alias ``candidate``,
+which ``wbc promote`` may turn into ``champion``. The work is :func:`pipeline.evaluator.evaluate_rows`; this
 stage only chooses the rows (the test split) and names them.
 """
 
@@ -28,6 +30,7 @@ from pipeline.evaluator import (
 )
 from pipeline.figures import figure_path, plot_site_scores
 from pipeline.layout import HOLDOUT, INGEST_SUMMARY_FILE
+from pipeline.registry import CANDIDATE
 from pipeline.sites import SITES_FILE, site_flat, site_rows, site_section, site_table
 
 HISTORY_FILE = "train_history.csv"  # written into the reports folder by the train stage
@@ -55,7 +58,7 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
         raise ValueError(f"{processed_dir}: the test split is empty; nothing to evaluate")
     ingest = read_ingest_summary(interim_dir)
     target = Target(dataset=dataset_name(ingest), split="test", synthetic=bool(ingest.get("synthetic", False)),
-                    provenance=ingest)
+                    provenance=ingest, registry_alias=CANDIDATE)
     history_path = Path(reports_dir) / HISTORY_FILE
     history = pd.read_csv(history_path) if history_path.is_file() else None
     model = load_evaluated_model(model_dir, params.train.device)

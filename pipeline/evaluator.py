@@ -16,6 +16,7 @@ model saved without one gets 1.0, and the report says so.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -25,12 +26,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from torch.utils.data import DataLoader
 
-from pipeline import tracking
+from pipeline import registry, tracking
+from pipeline.adaptation import adapt_batchnorm
 from pipeline.calibration import calibration_summary, softmax
 from pipeline.config import EvaluateParams, Params
-from pipeline.data import ProcessedImages, Split, load_index
+from pipeline.data import ProcessedImages, Split, images_identity, load_index
 from pipeline.explain import write_explanation_figures
 from pipeline.figures import write_figures
 from pipeline.inference import load_model, pick_device, predict_logits
@@ -62,6 +66,7 @@ class Target:
     artifact_path: str = "evaluation"  # MLflow artifact folder
     synthetic: bool = False  # generated images: the report says so everywhere
     provenance: dict = field(default_factory=dict)  # fields of ingest.json and anything else the report lists
+    registry_alias: str | None = None  # alias given to the evaluated model's registered version (pipeline.registry)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,16 @@ def predict_images(model: LoadedModel, images: Images, batch_size: int) -> np.nd
     loader = DataLoader(ProcessedImages(images.processed_dir, split, model.meta.image_size), batch_size=batch_size,
                         num_workers=0)
     return predict_logits(model.network, loader, model.device)[0]
+
+
+def with_adapted_batchnorm(model: LoadedModel, images: Images, batch_size: int) -> LoadedModel:
+    """``model`` with its BatchNorm statistics recomputed on ``images`` (their pixels only, no label):
+    test-time adaptation to the site the images come from. Raises ``ValueError`` for a network
+    without BatchNorm."""
+    split = Split(images.rows, np.zeros(len(images.rows), np.int64), images.paths)
+    loader = DataLoader(ProcessedImages(images.processed_dir, split, model.meta.image_size), batch_size=batch_size)
+    network = adapt_batchnorm(model.network, (batch for batch, _ in loader), model.device)
+    return LoadedModel(network, model.meta, model.device, model.run_info)
 
 
 def evaluate_images(model: LoadedModel, images: Images, cfg: EvaluateParams, *,
@@ -292,13 +307,32 @@ def _write_report(evaluation: Evaluation, model: LoadedModel, target: Target, ou
     )
 
 
+def evaluated_dataset(images: Images, split: str) -> MetaDataset:
+    """The evaluated images as an MLflow dataset named ``<processed folder>:<split>``; its digest is
+    DVC's hash of the processed folder when ``dvc.lock`` records one, else a digest of the images."""
+    folder = images.processed_dir
+    digest = tracking.dvc_out_hash(folder) or images_identity(folder)[:32]
+    with warnings.catch_warnings():
+        # MLflow registers its local-files source once per scheme ('' and 'file') and warns that a path
+        # matches both: they are the same source.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(folder.resolve().as_uri())
+    return MetaDataset(source=source, name=f"{folder.as_posix()}:{split}", digest=digest)
+
+
 def log_evaluation(run_info: dict, flat: dict[str, float], out_dir: Path, files: list[str], *,
-                   metric_prefix: str = TEST_PREFIX, artifact_path: str = "evaluation") -> None:
+                   metric_prefix: str = TEST_PREFIX, artifact_path: str = "evaluation",
+                   dataset: MetaDataset | None = None) -> None:
     """Add the evaluation to the training run (a new run when the model was trained elsewhere):
-    metrics as ``<metric_prefix><key>``, ``files`` and ``figures/`` under ``artifact_path``."""
+    metrics as ``<metric_prefix><key>``, ``files`` and ``figures/`` under ``artifact_path``. The
+    metrics are also linked to the logged model of ``run_info`` (``model_id``, MLflow model metrics)
+    and to ``dataset`` (an MLflow dataset, logged as the run's input) when given."""
     mlflow.set_tracking_uri(tracking.recorded_uri(run_info.get("tracking_uri")))
     with mlflow.start_run(run_id=run_info.get("run_id")):
-        mlflow.log_metrics({f"{metric_prefix}{key}": value for key, value in flat.items()})
+        if dataset is not None:
+            mlflow.log_input(dataset, context="evaluation")
+        mlflow.log_metrics({f"{metric_prefix}{key}": value for key, value in flat.items()},
+                           model_id=run_info.get("model_id"), dataset=dataset)
         for name in files:
             mlflow.log_artifact(str(out_dir / name), artifact_path=artifact_path)
         mlflow.log_artifacts(str(out_dir / FIGURES_DIR), artifact_path=f"{artifact_path}/{FIGURES_DIR}")
@@ -322,7 +356,10 @@ def publish(evaluation: Evaluation, model: LoadedModel, target: Target, out_dir:
         table.to_csv(out_dir / name, index=False)
     _write_report(evaluation, model, target, out_dir, params, figures, extra)
     log_evaluation(model.run_info, flat, out_dir, [METRICS_FILE, *tables, REPORT_HTML, REPORT_MD],
-                   metric_prefix=target.metric_prefix, artifact_path=target.artifact_path)
+                   metric_prefix=target.metric_prefix, artifact_path=target.artifact_path,
+                   dataset=evaluated_dataset(evaluation.images, target.split))
+    if target.registry_alias:
+        registry.set_alias(model.run_info, target.registry_alias)
     return flat
 
 

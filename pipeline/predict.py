@@ -48,6 +48,7 @@ from pipeline.imaging import ImageReadError, decode_rgb, model_pixels, to_chw
 from pipeline.inference import batch_logits, load_model, pick_device
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
+from pipeline.registry import local_model_file
 from pipeline.sources import walk_files
 
 # A row's status: OK, or a reason code of pipeline.inspection.REASON_MEANINGS (predict's own included).
@@ -396,8 +397,10 @@ def _json_records(table: pd.DataFrame) -> list[dict[str, Any]]:
 
 def run_predict(params: Params, inputs: Sequence[str | Path], model_path: Path, out_csv: Path,
                 out_json: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Classify ``inputs`` with ``model_path``; write the CSV (and JSON); return a summary."""
-    predictor = Predictor.load(model_path, params.predict, params.ingest)
+    """Classify ``inputs`` with ``model_path`` (a model file, or a registry URI such as
+    ``models:/wbc-classifier@champion``); write the CSV (and JSON); return a summary."""
+    with local_model_file(model_path) as weights:
+        predictor = Predictor.load(weights, params.predict, params.ingest)
     items = collect_inputs(inputs, params.predict.manifest_root)
     if not items:
         raise ValueError(f"no files found in {', '.join(map(str, inputs))}")

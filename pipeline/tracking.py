@@ -164,6 +164,23 @@ def dvc_data_hashes(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:
     return hashes
 
 
+def dvc_out_hash(path: Path, lock_path: Path = Path("dvc.lock")) -> str | None:
+    """DVC's md5 of the output ``path`` (a folder's ends in ``.dir``) as ``dvc.lock`` records it
+    (``lock_path`` beside the project's ``dvc.yaml``), or None when no stage outputs it."""
+    if not lock_path.is_file():
+        return None
+    try:
+        wanted = Path(path).resolve().relative_to(lock_path.resolve().parent).as_posix()
+    except ValueError:
+        return None
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == wanted and "md5" in out:
+                return out["md5"]
+    return None
+
+
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 0.1}}`` → ``{"train.lr": "0.1"}``, the shape MLflow params take."""
     flat: dict[str, str] = {}
