@@ -17,6 +17,7 @@ from pathlib import Path
 CANDIDATE = "candidate"  # the model the evaluate stage evaluated last
 CHAMPION = "champion"  # the model a lab should use: promoted by `wbc promote` when it passes the gates
 MODEL_URI_SCHEME = "models:/"
+WEIGHTS_ARTIFACT = "weights"  # the artifact of the logged pyfunc model holding model.pt (pipeline.serving)
 
 
 def is_model_uri(model: str | Path) -> bool:
@@ -60,7 +61,6 @@ def local_model_file(model: str | Path) -> Iterator[Path]:
     from mlflow.models import Model
 
     from pipeline import tracking
-    from pipeline.serving import WEIGHTS_ARTIFACT
 
     uri = str(model)
     mlflow.set_tracking_uri(tracking.tracking_uri())

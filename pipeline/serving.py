@@ -35,10 +35,10 @@ from mlflow.types import ColSpec, Schema
 
 from pipeline.config import IngestParams, Params, PredictParams
 from pipeline.predict import ImageInput, Predictor
+from pipeline.registry import WEIGHTS_ARTIFACT
 
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 PACKAGE_DIR = Path(__file__).parent
-WEIGHTS_ARTIFACT = "weights"
 # What the served model imports (pipeline.predict and what it imports), pinned to this environment.
 SERVING_DISTRIBUTIONS = (
     "mlflow", "torch", "monai", "numpy", "pandas", "pillow", "opencv-python-headless", "scikit-learn", "scipy",
