@@ -53,9 +53,9 @@ def naive(paths: list[str], size: int, out_dir: Path) -> float:
 
 
 def pipeline_rate(paths: list[str], size: int, workers: int, out_dir: Path) -> float:
-    params = NormalizeParams(size=size, workers=workers)
+    params = NormalizeParams(size=size)
     start = time.perf_counter()
-    normalize_images(paths, out_dir / f"images_{workers}.npy", params, progress=False)
+    normalize_images(paths, out_dir / f"images_{workers}.npy", params, progress=False, workers=workers)
     return len(paths) / (time.perf_counter() - start)
 
 

@@ -103,9 +103,9 @@ def main() -> None:
                     "train": {
                         "model": args.model, "pretrained": pretrained, "image_size": args.image_size,
                         "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed,
-                        "num_workers": args.workers, "experiment": "benchmark-pretrained-vs-scratch",
-                        "log_model": False,
                     },
+                    "runtime": {"train_workers": args.workers},
+                    "tracking": {"experiment": "benchmark-pretrained-vs-scratch", "log_model": False},
                 })
                 out = tmp / f"k{k}-{pretrained}"
                 started = time.perf_counter()

@@ -69,11 +69,11 @@ def timed_steps(step, batches, warmup: int, steps: int, device: torch.device) ->
 
 
 def train_params(model_name: str, args: argparse.Namespace) -> TrainParams:
-    """The ``train`` params of the timed run: the stage's defaults but for the model, size, batch,
-    workers and compile; from scratch, so no weights are fetched (the step costs the same)."""
+    """The ``train`` params of the timed run: the stage's defaults but for the model, size and batch
+    (loader workers and compile are runtime settings, given where used); from scratch, so no weights are
+    fetched (the step costs the same)."""
     return parse_params({"train": {
         "model": model_name, "pretrained": "none", "image_size": args.image_size, "batch_size": args.batch_size,
-        "num_workers": args.workers, "compile": args.compile,
     }}).train
 
 
@@ -87,11 +87,11 @@ def measure(model_name: str, processed: Path, args: argparse.Namespace, device: 
     # Drawn with replacement from a bottomless sampler, so warm-up and timed steps never wait on
     # an epoch boundary (worker start-up) whatever the dataset's size.
     loader = make_loader(dataset, cfg, device, EpochSampler(RandomSampler(dataset, replacement=True,
-                                                                          num_samples=10**9)))
+                                                                          num_samples=10**9)), args.workers)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, len(classes), device)
-    net = wrap_model(model, cfg, Distributed(), device)
+    net = wrap_model(model, cfg, Distributed(), device, args.compile)
     optimizer = build_optimizer(model, cfg)
     loss_fn = build_loss(cfg, split.labels, len(classes), device)
     net.train()

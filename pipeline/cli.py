@@ -74,7 +74,7 @@ def _cmd_normalize(args: argparse.Namespace, params: Params) -> None:
     from pipeline.normalize import run_normalize
 
     summary = run_normalize(args.manifest, Path(params.data.root), args.out, params.normalize,
-                            progress=not args.quiet)
+                            progress=not args.quiet, workers=params.runtime.normalize_workers)
     print(f"normalize: {summary['images']} images to {summary['size']}px ({summary['mode']}) in "
           f"{summary['seconds']:.1f}s = {summary['images_per_second']:.0f} img/s on {summary['workers']} "
           f"worker(s), {summary['images_per_second_per_worker']:.0f} img/s per worker")
@@ -178,8 +178,8 @@ def _cmd_crosssite(args: argparse.Namespace, params: Params) -> None:
 def _cmd_compare(args: argparse.Namespace, params: Params) -> None:
     from pipeline.compare import run_compare
 
-    table = run_compare(args.experiment or params.train.experiment, args.reports)
-    print(f"compare: {len(table)} runs of experiment {args.experiment or params.train.experiment!r} → "
+    table = run_compare(args.experiment or params.tracking.experiment, args.reports)
+    print(f"compare: {len(table)} runs of experiment {args.experiment or params.tracking.experiment!r} → "
           f"{args.reports / 'compare.csv'}, compare.md, compare.png")
 
 
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     _path(p, "--out", CROSS_SITE, "folder of the table, report, figure and metrics (replaced whole)")
 
     p = command("compare", _cmd_compare, "compare the runs of an MLflow experiment: table and bar plot in reports/")
-    p.add_argument("--experiment", help="MLflow experiment (default: train.experiment from params)")
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment from params)")
     _path(p, "--reports", REPORTS, "folder of compare.csv, compare.md and compare.png")
 
     p = command("promote", _cmd_promote, "make the evaluated model (alias candidate) the champion when its test "

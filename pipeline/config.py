@@ -372,7 +372,6 @@ class IngestParams(_Section):
     near_dup_threshold: int = Field(
         44, ge=0, le=128, description="max perceptual-hash distance (of 256 bits) of near-duplicates; 0 = off"
     )
-    workers: int = Field(0, ge=0, description="0 = all CPU cores")
     holdout_sites: list[str] = Field(
         default_factory=list, description="sites never used for training or validation, evaluated apart"
     )
@@ -404,7 +403,6 @@ class NormalizeParams(_Section):
     size: int = Field(380, ge=16, le=2048)
     mode: Literal["pad", "crop"] = "pad"
     pad_color: tuple[int, int, int] = Field((255, 255, 255), strict=False)
-    workers: int = Field(0, ge=0, description="0 = all CPU cores")
 
     @field_validator("pad_color")
     @classmethod
@@ -464,7 +462,8 @@ ModelName = Literal[
 
 
 class TrainParams(_Section):
-    """Model, schedule and tracking of the training stage."""
+    """Model and schedule of the training stage: what shapes the trained weights. Where it runs is
+    ``runtime``, where it is logged ``tracking``."""
 
     model: ModelName = "efficientnet-lite0"
     pretrained: Literal["imagenet", "none"] = "imagenet"
@@ -486,19 +485,6 @@ class TrainParams(_Section):
     )
     patience: int = Field(0, ge=0, description="epochs without val macro-F1 gain before stopping; 0 = off")
     seed: int = 0
-    num_workers: int = Field(2, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    experiment: str = Field("wbc", min_length=1)
-    log_model: bool = Field(True, description="log the trained network as an MLflow model")
-    registered_model: str | None = Field(
-        "wbc-classifier", description="MLflow registry name of the logged model; empty or null = do not register"
-    )
-
-    @field_validator("registered_model")
-    @classmethod
-    def _empty_is_none(cls, value: str | None) -> str | None:
-        return (value.strip() or None) if value is not None else None
 
     @model_validator(mode="after")
     def _freeze_within_epochs(self) -> TrainParams:
@@ -560,6 +546,46 @@ class CrossSiteParams(_Section):
     sites: list[str] = Field(default_factory=list, description="sites to leave out in turn; empty = every site")
 
 
+class RuntimeParams(_Section):
+    """Where and how fast the stages run. No stage lists this section in ``dvc.yaml``: none of it
+    changes an output, so changing it re-runs nothing."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training and evaluation; auto = a GPU if any")
+    compile: bool = Field(False, description="torch.compile the training network")
+    train_workers: int = Field(2, ge=0, description="loader processes feeding training; 0 = the main process")
+    ingest_workers: int = Field(0, ge=0, description="processes checking the raw files; 0 = all CPU cores")
+    normalize_workers: int = Field(0, ge=0, description="processes resizing the images; 0 = all CPU cores")
+
+
+class TrackingParams(_Section):
+    """Where MLflow keeps runs and models. No stage lists this section in ``dvc.yaml``: the weights and
+    metrics are the same wherever they are logged."""
+
+    experiment: str = Field("wbc", min_length=1, description="MLflow experiment of training runs")
+    log_model: bool = Field(True, description="log the trained network as an MLflow model")
+    registered_model: str | None = Field(
+        "wbc-classifier", description="MLflow registry name of the logged model; empty or null = do not register"
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return (value.strip() or None) if value is not None else None
+
+
+# Keys that moved out of the stage sections, so that a params.yaml written before says where they went.
+MOVED_KEYS = {
+    "train.num_workers": "runtime.train_workers",
+    "train.device": "runtime.device",
+    "train.compile": "runtime.compile",
+    "ingest.workers": "runtime.ingest_workers",
+    "normalize.workers": "runtime.normalize_workers",
+    "train.experiment": "tracking.experiment",
+    "train.log_model": "tracking.log_model",
+    "train.registered_model": "tracking.registered_model",
+}
+
+
 class PromoteParams(_Section):
     """Gates ``wbc promote`` checks before the evaluated model (alias ``candidate``) becomes the one a lab
     should use (alias ``champion``): its test metrics, as linked to the logged model."""
@@ -582,6 +608,22 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     predict: PredictParams = PredictParams()
     promote: PromoteParams = PromoteParams()
+    runtime: RuntimeParams = RuntimeParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        moved = []
+        for old, new in MOVED_KEYS.items():
+            section, key = old.split(".")
+            if isinstance(data.get(section), dict) and key in data[section]:
+                moved.append(f"{old} is now {new}")
+        if moved:
+            raise ValueError(f"{'; '.join(moved)} (how and where stages run is no stage's dependency)")
+        return data
     crosssite: CrossSiteParams = CrossSiteParams()
 
     @model_validator(mode="after")

@@ -112,7 +112,7 @@ def run_fold(fold: Fold, params: Params, processed_dir: Path, index: pd.DataFram
     if len(train.rows) == 0 or len(val.rows) == 0:
         return {**record, "skipped": "no other site has both train and val images"}
     fitted = fit(cfg, len(classes), processed_dir, train, val, policy, device,
-                 progress=f"without {fold.left_out}" if progress else "")
+                 progress=f"without {fold.left_out}" if progress else "", runtime=params.runtime)
     meta = model_meta(params.model_copy(update={"train": cfg}), fitted.best_epoch, fitted.best_val_macro_f1,
                       fitted.temperature)
     model = LoadedModel(fitted.model, meta, device, {})
@@ -222,7 +222,7 @@ def run_crosssite(params: Params, processed_dir: Path, policy_path: Path, out_di
     index = load_index(processed_dir)
     select_split(index, "train", list(params.data.classes))  # labels outside data.classes fail here, early
     sites = list(dict.fromkeys(index["site"])) if "site" in index.columns else []
-    device = pick_device(params.train.device)
+    device = pick_device(params.runtime.device)
     policy = load_policy(policy_path)
     rows = []
     if len(sites) > 1:
@@ -246,7 +246,7 @@ def run_crosssite(params: Params, processed_dir: Path, policy_path: Path, out_di
 
 def log_crosssite(params: Params, table: pd.DataFrame, metrics: dict[str, float], out_dir: Path) -> None:
     """One parent MLflow run (table, report, figure, summary) with a child run per left-out site."""
-    experiment_id = tracking.setup_experiment(params.train.experiment)
+    experiment_id = tracking.setup_experiment(params.tracking.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"cross-site: {params.train.model}",
                           tags={"wbc.kind": "cross-site", **tracking.git_state()}):
         mlflow.log_params(tracking.flatten({"train": params.train.model_dump(mode="json"),

@@ -61,7 +61,7 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
                     provenance=ingest, registry_alias=CANDIDATE)
     history_path = Path(reports_dir) / HISTORY_FILE
     history = pd.read_csv(history_path) if history_path.is_file() else None
-    model = load_evaluated_model(model_dir, params.train.device)
+    model = load_evaluated_model(model_dir, params.runtime.device)
     evaluation = evaluate_images(model, images_of_rows(processed_dir, rows, model.classes), params.evaluate)
     extra = per_site_outputs(model, processed_dir, index, params, target.dataset, Path(reports_dir) / FIGURES_DIR)
     return publish(evaluation, model, target, Path(reports_dir), params, history=history, extra=extra)

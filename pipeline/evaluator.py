@@ -371,7 +371,7 @@ def evaluate_rows(params: Params, model_dir: Path, processed_dir: Path, rows: np
     if len(rows) == 0:
         raise ValueError(f"{processed_dir}: no rows to evaluate for the {split_phrase(target.split)} of "
                          f"{target.dataset}")
-    model = load_evaluated_model(model_dir, params.train.device)
+    model = load_evaluated_model(model_dir, params.runtime.device)
     images = images_of_rows(processed_dir, rows, model.classes)
     evaluation = evaluate_images(model, images, params.evaluate)
     return publish(evaluation, model, target, out_dir, params, history=history)

@@ -308,7 +308,7 @@ def run_external_evaluate(
     interim_dir, processed_dir = locate_dataset(dataset_dir)
     index = load_index(processed_dir)
     selected = _selected(index, split, processed_dir)
-    model = load_evaluated_model(model_dir, params.train.device)
+    model = load_evaluated_model(model_dir, params.runtime.device)
     label_map = dict(label_map or {})
     source = _Source(name, dataset_dir, split, resolve_mapping(index["label"], model.classes, label_map), label_map)
     images = mapped_images(processed_dir, selected, source.mapping, model.classes)

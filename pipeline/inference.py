@@ -17,7 +17,7 @@ from pipeline.models import Classifier, build_classifier
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """CUDA when requested or available (``auto``), else CPU."""
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

@@ -63,7 +63,7 @@ def run_ingest(
     candidates, rejections = discover(root, params.data)
     named_only = ("missing-file", "outside-root")  # rows of a label table, not files found under the root
     n_files = len({c.path for c in candidates} | {r.path for r in rejections if r.reason not in named_only})
-    inspections = inspect_all([c.file for c in candidates], params.ingest, progress)
+    inspections = inspect_all([c.file for c in candidates], params.ingest, progress, params.runtime.ingest_workers)
     items = []
     for candidate, found in zip(candidates, inspections, strict=True):
         if found.reason:

@@ -233,9 +233,10 @@ def _decode(data: bytes, found: Inspection, params: IngestParams) -> Inspection:
         return found
 
 
-def inspect_all(files: list[str], params: IngestParams, progress: bool = True) -> list[Inspection]:
-    """Inspect ``files`` in a process pool; results come back in the order of ``files``."""
-    workers = min(resolve_workers(params.workers), max(1, len(files)))
+def inspect_all(files: list[str], params: IngestParams, progress: bool = True, workers: int = 0) -> list[Inspection]:
+    """Inspect ``files`` in a pool of ``workers`` processes (0 = one per CPU core); results come back in
+    the order of ``files``."""
+    workers = min(resolve_workers(workers), max(1, len(files)))
     check = partial(inspect_file, params=params)
     bar = partial(tqdm, total=len(files), desc="ingest", unit="img", disable=not progress)
     if workers == 1:

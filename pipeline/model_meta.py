@@ -76,7 +76,9 @@ class ModelMeta:
             values["image_size"] = int(record["image_size"])
             values["mean"] = tuple(float(v) for v in record["mean"])
             values["std"] = tuple(float(v) for v in record["std"])
-            values["normalize"] = NormalizeParams.model_validate(record["normalize"])
+            # Models saved before the worker count moved to runtime carry it with their normalize params.
+            values["normalize"] = NormalizeParams.model_validate(
+                {key: value for key, value in record["normalize"].items() if key != "workers"})
             if record.get("temperature") is not None:
                 values["temperature"] = float(record["temperature"])
             values["extra"] = {**record.get("extra", {}),

@@ -44,8 +44,10 @@ def normalize_images(
     params: NormalizeParams,
     progress: bool = True,
     chunk_size: int = 64,
+    workers: int = 0,
 ) -> None:
-    """Write ``paths`` (in order) as rows of a (N, size, size, 3) uint8 ``.npy`` file."""
+    """Write ``paths`` (in order) as rows of a (N, size, size, 3) uint8 ``.npy`` file, in ``workers``
+    processes (0 = one per CPU core)."""
     size = params.size
     images_path.parent.mkdir(parents=True, exist_ok=True)
     out = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
@@ -53,7 +55,7 @@ def normalize_images(
     rows = list(enumerate(paths))
     chunks = [rows[i : i + chunk_size] for i in range(0, len(rows), chunk_size)]
     failures: list[tuple[int, str, str]] = []
-    workers = min(resolve_workers(params.workers), max(1, len(chunks)))
+    workers = min(resolve_workers(workers), max(1, len(chunks)))
     bar = tqdm(total=len(paths), desc="normalize", unit="img", disable=not progress)
     if workers == 1:
         for chunk in chunks:
@@ -81,18 +83,20 @@ def normalize_images(
 
 
 def run_normalize(
-    manifest_path: Path, root: Path, out_dir: Path, params: NormalizeParams, progress: bool = True
+    manifest_path: Path, root: Path, out_dir: Path, params: NormalizeParams, progress: bool = True, workers: int = 0
 ) -> dict:
-    """Normalize every manifest row; write images.npy, index.csv and normalize.json to ``out_dir``."""
+    """Normalize every manifest row in ``workers`` processes (0 = one per CPU core); write images.npy,
+    index.csv and normalize.json to ``out_dir``."""
     manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str, "split": str, "group": str})
     if manifest.empty:
         raise ValueError(f"{manifest_path}: the manifest has no images to normalize")
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    normalize_images([str(root / p) for p in manifest["path"]], out_dir / IMAGES_FILE, params, progress)
+    normalize_images([str(root / p) for p in manifest["path"]], out_dir / IMAGES_FILE, params, progress,
+                     workers=workers)
     seconds = time.perf_counter() - start
     manifest.to_csv(out_dir / INDEX_FILE, index=False)
-    workers = resolve_workers(params.workers)
+    workers = resolve_workers(workers)
     summary = {
         "images": len(manifest),
         "size": params.size,

@@ -108,9 +108,9 @@ def run_promote(params: Params, version: str | None = None) -> dict:
     """Move alias ``champion`` of the registered model to ``version`` (default: the ``candidate``) when its
     test metrics pass ``params.promote``; raise :class:`PromotionRefused` naming every failing number
     otherwise. Returns what was checked and done."""
-    name = params.train.registered_model
+    name = params.tracking.registered_model
     if not name:
-        raise ValueError("train.registered_model is empty: no registered model to promote")
+        raise ValueError("tracking.registered_model is empty: no registered model to promote")
     mlflow.set_tracking_uri(tracking.tracking_uri())
     candidate = read_candidate(name, version)
     checked = gates(candidate.metrics, params.promote)

@@ -69,7 +69,7 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
     """Train ``params.train.model``; write model.pt, run.json and the training history."""
     cfg = params.train
     ddp = setup_distributed()
-    device = pick_device(cfg.device, ddp.local_rank)
+    device = pick_device(params.runtime.device, ddp.local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
@@ -79,7 +79,7 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
     loss_fn = build_loss(cfg, data.train.labels, len(data.classes), device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(data.train_loader))
-    net = wrap_model(model, cfg, ddp, device)
+    net = wrap_model(model, cfg, ddp, device, params.runtime.compile)
     state = TrainState(model, optimizer, scheduler, data.sampler_rng,
                        resume_fingerprint(params, data.index, policy_path, processed_dir))
     checkpoint_dir = model_dir / CHECKPOINT_DIR
@@ -136,8 +136,9 @@ def load_data(params: Params, processed_dir: Path, policy_path: Path, ddp: Distr
     sampler_rng = torch.Generator().manual_seed(cfg.seed)
     sampler = train_sampler(cfg, train_set, train.labels, len(classes), ddp, sampler_rng)
     return TrainData(index, classes, train, val, sampler, sampler_rng,
-                     train_loader=make_loader(train_set, cfg, device, sampler),
-                     val_loader=make_loader(ProcessedImages(processed_dir, val, cfg.image_size), cfg, device))
+                     train_loader=make_loader(train_set, cfg, device, sampler, params.runtime.train_workers),
+                     val_loader=make_loader(ProcessedImages(processed_dir, val, cfg.image_size), cfg, device,
+                                            workers=params.runtime.train_workers))
 
 
 def resume_fingerprint(params: Params, index: pd.DataFrame, policy_path: Path, processed_dir: Path) -> dict[str, str]:
@@ -150,7 +151,7 @@ def resume_fingerprint(params: Params, index: pd.DataFrame, policy_path: Path, p
 
     split_index = pd.util.hash_pandas_object(index[["path", "label", "split"]], index=False).values.tobytes()
     return {
-        "train params": digest(params.train.model_dump_json(exclude={"num_workers", "device", "compile"}).encode()),
+        "train params": digest(params.train.model_dump_json().encode()),
         "data params": digest(params.data.model_dump_json().encode()),
         "normalize params": digest(params.normalize.model_dump_json(exclude={"workers"}).encode()),
         "split index": digest(split_index),
@@ -202,7 +203,7 @@ def tracked_run(params: Params, state: TrainState, data: TrainData, ddp: Distrib
         yield None
         return
     cfg = params.train
-    experiment_id = tracking.setup_experiment(cfg.experiment)
+    experiment_id = tracking.setup_experiment(params.tracking.experiment)
     resumed = state.run_id is not None
     run = mlflow.start_run(run_id=state.run_id, experiment_id=None if resumed else experiment_id,
                            run_name=None if resumed else run_name(cfg.model, is_pretrained(cfg)))
@@ -265,7 +266,7 @@ def end_epoch(state: TrainState, record: dict[str, float], improved: bool, check
 def write_outputs(params: Params, state: TrainState, data: TrainData, run: ActiveRun, processed_dir: Path,
                   model_dir: Path, reports_dir: Path, device: torch.device) -> None:
     """Rank 0, after the last epoch: the best weights with their metadata (``model.pt``), the
-    history (CSV and MLflow), the MLflow model when ``train.log_model`` asks, and ``run.json``."""
+    history (CSV and MLflow), the MLflow model when ``tracking.log_model`` asks, and ``run.json``."""
     model = state.model
     model.load_state_dict(read_checkpoint(model_dir / CHECKPOINT_DIR / BEST_CHECKPOINT)["model"])
     # Temperature scaling, fitted once on the validation split and saved with the model, so
@@ -283,20 +284,20 @@ def write_outputs(params: Params, state: TrainState, data: TrainData, run: Activ
         "experiment_id": run.info.experiment_id,
         "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
     }
-    if params.train.log_model:
+    if params.tracking.log_model:
         example = np.load(processed_dir / IMAGES_FILE, mmap_mode="r")[data.val.rows[0]]
         run_record.update(log_served_model(params, model_dir / MODEL_FILE, example))
     write_json(model_dir / "run.json", run_record)
 
 
 def log_served_model(params: Params, model_path: Path, example: np.ndarray) -> dict[str, str]:
-    """Log the pyfunc model (registered when ``train.registered_model`` names it); its entries for
+    """Log the pyfunc model (registered when ``tracking.registered_model`` names it); its entries for
     ``run.json``."""
     # A pyfunc model that carries its preprocessing, classes and temperature (see
     # pipeline/serving.py); logged from code with weights-only loading: nothing is pickled.
     from pipeline.serving import log_pyfunc_model
 
-    registered = params.train.registered_model
+    registered = params.tracking.registered_model
     info = log_pyfunc_model(model_path, params, list(params.data.classes), example, registered)
     record = {"model_uri": info.model_uri, "model_id": info.model_id}
     if registered:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from pipeline.atomic import atomic_path
 from pipeline.calibration import fit_temperature
-from pipeline.config import Params, TrainParams
+from pipeline.config import Params, RuntimeParams, TrainParams
 from pipeline.data import EpochSampler, ProcessedImages, Split
 from pipeline.inference import autocast, predict_logits
 from pipeline.model_meta import ModelMeta
@@ -90,16 +90,17 @@ def train_sampler(cfg: TrainParams, dataset: Dataset, labels: np.ndarray, num_cl
 
 
 def make_loader(dataset: Dataset, cfg: TrainParams, device: torch.device,
-                sampler: EpochSampler | None = None) -> DataLoader:
-    """Batches of ``dataset`` in ``sampler`` order (in dataset order without one), pinned on CUDA."""
+                sampler: EpochSampler | None = None, workers: int = 0) -> DataLoader:
+    """Batches of ``dataset`` in ``sampler`` order (in dataset order without one), pinned on CUDA,
+    decoded by ``workers`` loader processes (``runtime.train_workers``; 0 = the main process)."""
     return DataLoader(
         dataset,
         sampler=sampler,
         shuffle=False,
         batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=workers > 0,
         # Worker seeds come from the loader's own generator, not the global RNG, so the global
         # stream (dropout, drop-connect) is the same whether or not a run was resumed.
         generator=torch.Generator().manual_seed(cfg.seed + 1),
@@ -113,15 +114,16 @@ def build_model(cfg: TrainParams, num_classes: int, device: torch.device) -> Cla
     return model.to(device, memory_format=torch.channels_last)
 
 
-def wrap_model(model: Classifier, cfg: TrainParams, ddp: Distributed, device: torch.device) -> nn.Module:
+def wrap_model(model: Classifier, cfg: TrainParams, ddp: Distributed, device: torch.device,
+               compiled: bool = False) -> nn.Module:
     """What the training step calls: ``model`` under DDP when several processes train it,
-    compiled when ``train.compile`` asks; ``model`` itself otherwise."""
+    compiled when ``compiled`` (``runtime.compile``) asks; ``model`` itself otherwise."""
     net: nn.Module = model
     if ddp.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=frozen_epochs(cfg) > 0)
-    return torch.compile(net) if cfg.compile else net
+    return torch.compile(net) if compiled else net
 
 
 def build_loss(cfg: TrainParams, labels: np.ndarray, num_classes: int, device: torch.device) -> nn.Module:
@@ -362,23 +364,26 @@ class Fitted:
 
 
 def fit(cfg: TrainParams, num_classes: int, processed_dir: Path, train: Split, val: Split, policy: A.Compose | None,
-        device: torch.device, *, model: Classifier | None = None, progress: str = "") -> Fitted:
+        device: torch.device, *, model: Classifier | None = None, progress: str = "",
+        runtime: RuntimeParams | None = None) -> Fitted:
     """Train on ``train`` and keep the weights that score best on ``val`` (macro-F1), then fit the
     temperature on ``val``: the train stage's recipe without checkpoints or tracking, for the runs
     that other stages make (one per left-out site, a few-shot adaptation). ``model`` continues from
     given weights (fine-tuning) instead of building the network afresh. ``progress`` names the run
-    in a line printed per epoch; empty = silent."""
+    in a line printed per epoch; empty = silent. ``runtime`` gives the loader processes and compilation."""
+    runtime = runtime or RuntimeParams()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_classes, device) if model is None else model.to(device)
     train_set = ProcessedImages(processed_dir, train, cfg.image_size, policy, cfg.seed)
     sampler = train_sampler(cfg, train_set, train.labels, num_classes, Distributed(),
                             torch.Generator().manual_seed(cfg.seed))
-    train_loader = make_loader(train_set, cfg, device, sampler)
-    val_loader = make_loader(ProcessedImages(processed_dir, val, cfg.image_size), cfg, device)
+    train_loader = make_loader(train_set, cfg, device, sampler, runtime.train_workers)
+    val_loader = make_loader(ProcessedImages(processed_dir, val, cfg.image_size), cfg, device,
+                             workers=runtime.train_workers)
     loss_fn = build_loss(cfg, train.labels, num_classes, device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    net = wrap_model(model, cfg, Distributed(), device)
+    net = wrap_model(model, cfg, Distributed(), device, runtime.compile)
     history: list[dict[str, float]] = []
     best_state, best_epoch, best_score = None, -1, -1.0
     for epoch in range(cfg.epochs):

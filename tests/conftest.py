@@ -33,7 +33,7 @@ def tiny_params(**sections):
     """Params for tiny, fast runs; ``sections`` override whole keys per section."""
     raw = {
         "sample": {"per_class": 6, "size": 48, "seed": 0},
-        "normalize": {"size": 40, "workers": 1},
+        "normalize": {"size": 40},
         "augment": {"preview_images": 2},
         "train": {
             "model": "baseline-cnn",
@@ -42,11 +42,10 @@ def tiny_params(**sections):
             "epochs": 3,
             "freeze_epochs": 0,
             "batch_size": 8,
-            "num_workers": 0,
             "lr": 0.003,
-            "experiment": "tests",
-            "log_model": False,
         },
+        "runtime": {"train_workers": 0, "normalize_workers": 1},
+        "tracking": {"experiment": "tests", "log_model": False},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -75,7 +74,8 @@ def tiny_processed(tmp_path) -> tuple[Path, Path, Path]:
     manifest_path = tmp_path / "manifest.csv"
     manifest.to_csv(manifest_path, index=False)
     processed = tmp_path / "processed"
-    run_normalize(manifest_path, raw, processed, params.normalize, progress=False)
+    run_normalize(manifest_path, raw, processed, params.normalize, progress=False,
+                  workers=params.runtime.normalize_workers)
     policy = tmp_path / "policy.json"
     save_policy(build_policy(params.augment), policy)
     return raw, processed, policy

@@ -237,7 +237,7 @@ def test_a_4_gb_file_is_rejected_unread_under_a_2_gb_memory_limit(tmp_path):
     with huge.open("wb") as handle:
         handle.truncate(4 * 1024**3)  # sparse: no disk space, no write of 4 GB
     params = _params(tmp_path, f"data:\n  root: {root}\n  classes: [basophil, eosinophil]\n"
-                               "ingest:\n  workers: 1\n  formats: [PPM]\n  near_dup_threshold: 0\n")
+                               "ingest:\n  formats: [PPM]\n  near_dup_threshold: 0\nruntime:\n  ingest_workers: 1\n")
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "-q", "--params", params, "ingest", "--out", str(tmp_path / "i"),
          "--reports", str(tmp_path / "r")],

@@ -79,8 +79,8 @@ def test_load_params_reports_missing_and_broken_files(tmp_path):
 def test_predict_section_and_registry_name():
     params = load_params(REPO / "params.yaml")
     assert params.predict == Params().predict and params.predict.threshold == 0.5
-    assert params.train.registered_model == "wbc-classifier"
-    assert parse_params({"train": {"registered_model": ""}}).train.registered_model is None
+    assert params.tracking.registered_model == "wbc-classifier"
+    assert parse_params({"tracking": {"registered_model": ""}}).tracking.registered_model is None
     with pytest.raises(ParamsError, match=r"predict\.threshold"):
         parse_params({"predict": {"threshold": 1.5}})
 
@@ -91,8 +91,8 @@ def test_predict_section_and_registry_name():
         ({"train": {"epochs": "3"}}, "train.epochs", "without them"),
         ({"train": {"epochs": 3.0}}, "train.epochs", "integer"),
         ({"train": {"lr": "0.01"}}, "train.lr", "without them"),
-        ({"train": {"compile": "yes"}}, "train.compile", "true or false"),
-        ({"train": {"compile": 1}}, "train.compile", "true or false"),
+        ({"runtime": {"compile": "yes"}}, "runtime.compile", "true or false"),
+        ({"runtime": {"compile": 1}}, "runtime.compile", "true or false"),
         ({"normalize": {"pad_color": [255, 255, "255"]}}, "normalize.pad_color.2", "integer"),
         ({"data": {"root": 5}}, "data.root", "string"),
         ({"data": {"allow_outside_root": "no"}}, "data.allow_outside_root", "true or false"),
@@ -114,9 +114,9 @@ def test_integers_are_fine_for_floats_and_lists_for_fixed_length_values():
 
 def test_params_file_reads_exponent_numbers_and_refuses_quoted_ones(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5.0E-5\n  experiment: 1e3-run\n")
-    train = load_params(path).train
-    assert (train.lr, train.weight_decay, train.experiment) == (0.001, 5e-5, "1e3-run")
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5.0E-5\ntracking:\n  experiment: 1e3-run\n")
+    params = load_params(path)
+    assert (params.train.lr, params.train.weight_decay, params.tracking.experiment) == (0.001, 5e-5, "1e3-run")
     path.write_text('train:\n  epochs: "3"\n')
     with pytest.raises(ParamsError, match=r"train\.epochs: .*'3'"):
         load_params(path)

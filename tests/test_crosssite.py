@@ -26,7 +26,7 @@ def _multi_site(tmp_path, sites=SITES, **train):
     params = tiny_params(
         sample=sample,
         data={"root": str(raw), "sources": [{"site": s, "root": s} for s in sites]},
-        ingest={"workers": 1, "near_dup_threshold": 0},
+        ingest={"near_dup_threshold": 0}, runtime={"ingest_workers": 1},
         train={"epochs": 2, **train},
         evaluate={"n_bootstrap": 50},
         crosssite={"adapt_bn": True},

@@ -25,8 +25,9 @@ EXTERNAL_PARAMS = {
     # the other dataset's own names: a code, a plural, and a class the model never saw
     "data": {"classes": ["NEU", "Lymphocytes", "smudge"]},
     "sample": {"per_class": 6, "size": 48, "seed": 5},
-    "ingest": {"split_method": "quota", "workers": 1, "near_dup_threshold": 0},
-    "normalize": {"size": 36, "workers": 1},
+    "ingest": {"split_method": "quota", "near_dup_threshold": 0},
+    "normalize": {"size": 36},
+    "runtime": {"ingest_workers": 1, "normalize_workers": 1},
 }
 # generated folder -> the other dataset's label
 RENAME = {"neutrophil": "NEU", "lymphocyte": "Lymphocytes", "platelet": "smudge"}

@@ -68,8 +68,9 @@ def _exif_rotated_jpeg(array: np.ndarray) -> bytes:
     return _encode(array, "JPEG", exif=exif, quality=95)
 
 
-def _params(root: Path, **ingest) -> object:
-    return parse_params({"data": {"root": str(root), "classes": CLASSES}, "ingest": {"workers": 1, **ingest}})
+def _params(root: Path, workers: int = 1, **ingest) -> object:
+    return parse_params({"data": {"root": str(root), "classes": CLASSES}, "ingest": ingest,
+                         "runtime": {"ingest_workers": workers}})
 
 
 def _ingest(root: Path, tmp_path: Path, **ingest) -> tuple[dict, list[dict], dict[str, tuple[str, str]]]:
@@ -309,7 +310,7 @@ def test_label_map_aliases_and_exclusions(tmp_path):
                 "classes": CLASSES,
                 "label_map": {"sne": "neutrophil", "platelet": None},
             },
-            "ingest": {"workers": 1},
+            "runtime": {"ingest_workers": 1},
         }
     )
     summary = run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
@@ -332,7 +333,7 @@ def test_table_source_with_codes_and_crlf(tmp_path):
                 "tables": [{"file": "Labels A.csv", "images": "Set A", "path_pattern": "{id:03d}.bmp"}],
                 "label_map": {"1": "neutrophil", "2": "lymphocyte", "3": "monocyte"},
             },
-            "ingest": {"workers": 1},
+            "runtime": {"ingest_workers": 1},
         }
     )
     summary = run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
@@ -366,14 +367,14 @@ def test_a_pbc_subset_ingests_cleanly(tmp_path):
         (root / cls).mkdir(parents=True)
         for source in sorted((pbc / cls).iterdir())[:10]:
             (root / cls / source.name).symlink_to(source)
-    params = parse_params({"data": {"root": str(root), "classes": classes}, "ingest": {"workers": 2}})
+    params = parse_params({"data": {"root": str(root), "classes": classes}, "runtime": {"ingest_workers": 2}})
     summary = run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
     assert summary["n_files"] == 10 * len(classes)
     assert summary["n_kept"] + summary["n_rejected"] == summary["n_files"]
     assert all(summary["counts"][split][cls] >= 1 for split in ("train", "val", "test") for cls in classes)
     # ... and the kept images normalize to 380x380 RGB, one row per manifest entry.
     normalized = run_normalize(tmp_path / "interim" / "manifest.csv", root, tmp_path / "processed",
-                               NormalizeParams(size=380, workers=2), progress=False)
+                               NormalizeParams(size=380), progress=False, workers=2)
     images = np.load(tmp_path / "processed" / "images.npy", mmap_mode="r")
     assert normalized["images"] == summary["n_kept"] == images.shape[0]
     assert images.shape[1:] == (380, 380, 3)
@@ -396,7 +397,7 @@ def test_wbc_seg_label_tables_ingest_by_params_alone(tmp_path):
     root = SHARED_DATA / "wbc-seg"
     if not root.is_dir():
         pytest.skip("../shared/data/wbc-seg is absent")
-    params = parse_params({"data": {"root": str(root), **WBC_SEG_DATA}, "ingest": {"workers": 2}})
+    params = parse_params({"data": {"root": str(root), **WBC_SEG_DATA}, "runtime": {"ingest_workers": 2}})
     summary = run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
     assert summary["n_files"] == 400
     assert summary["n_kept"] + summary["n_rejected"] == 400
@@ -427,7 +428,7 @@ def _table_tree(root: Path, outside: Path) -> list[str]:
 def _table_params(root: Path, **data) -> object:
     return parse_params({"data": {"root": str(root), "classes": CLASSES, "source": "table",
                                   "tables": [{"file": "labels.csv", "images": "imgs"}], **data},
-                         "ingest": {"workers": 1}})
+                         "runtime": {"ingest_workers": 1}})
 
 
 def test_label_table_paths_leading_outside_the_root_are_rejected(tmp_path):

@@ -49,8 +49,8 @@ def test_normalize_writes_rows_in_manifest_order(tmp_path, workers):
     manifest = pd.DataFrame({"path": [f"a/{i:02d}.png" for i in range(10)], "label": "a", "split": "train",
                              "group": [str(i) for i in range(10)]})
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
-    params = NormalizeParams(size=24, workers=workers)
-    summary = run_normalize(tmp_path / "manifest.csv", root, tmp_path / "out", params, progress=False)
+    params = NormalizeParams(size=24)
+    summary = run_normalize(tmp_path / "manifest.csv", root, tmp_path / "out", params, progress=False, workers=workers)
     images = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")
     assert images.shape == (10, 24, 24, 3) and images.dtype == np.uint8
     for i, colour in enumerate(colours):
@@ -63,7 +63,7 @@ def test_normalize_writes_rows_in_manifest_order(tmp_path, workers):
 def test_a_file_that_changed_since_ingest_is_named(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image any more")
     with pytest.raises(ImageReadError, match="bad.png"):
-        normalize_images([str(tmp_path / "bad.png")], tmp_path / "x.npy", NormalizeParams(size=16, workers=1),
+        normalize_images([str(tmp_path / "bad.png")], tmp_path / "x.npy", NormalizeParams(size=16),
                          progress=False)
 
 

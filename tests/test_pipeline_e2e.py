@@ -22,7 +22,9 @@ TINY = {
     "normalize": {"size": 48},
     "augment": {"preview_images": 2},
     "train": {"model": "baseline-cnn", "pretrained": "none", "image_size": 32, "epochs": 2, "freeze_epochs": 0,
-              "batch_size": 16, "num_workers": 0, "experiment": "e2e"},
+              "batch_size": 16},
+    "runtime": {"train_workers": 0},
+    "tracking": {"experiment": "e2e"},
     "evaluate": {"n_bootstrap": 20},
 }
 

@@ -35,7 +35,7 @@ def test_gates_check_macro_f1_and_every_tested_class():
 
 
 def _params_file(tmp_path, **promote) -> str:
-    raw = tiny_params(train={"log_model": True, "registered_model": MODEL_NAME},
+    raw = tiny_params(tracking={"log_model": True, "registered_model": MODEL_NAME},
                       promote=promote, evaluate={"n_bootstrap": 10, "gradcam_per_class": 0, "worst_errors": 0})
     path = tmp_path / f"params-{len(list(tmp_path.glob('params-*')))}.yaml"
     path.write_text(yaml.safe_dump(raw.model_dump(mode="json"), sort_keys=False))
@@ -46,9 +46,10 @@ def _params_file(tmp_path, **promote) -> str:
 def test_evaluated_model_is_candidate_and_promote_moves_champion_only_past_the_gates(tiny_processed, tmp_path,
                                                                                      capsys):
     raw, processed, policy = tiny_processed
-    params = tiny_params(train={"log_model": True, "registered_model": MODEL_NAME},
+    params = tiny_params(tracking={"log_model": True, "registered_model": MODEL_NAME},
                          evaluate={"n_bootstrap": 10, "gradcam_per_class": 0, "worst_errors": 0})
-    _, _, out = _train(tmp_path, processed, policy, epochs=2, log_model=True, registered_model=MODEL_NAME)
+    _, _, out = _train(tmp_path, processed, policy, epochs=2,
+                       tracking={"log_model": True, "registered_model": MODEL_NAME})
     run_evaluate(params, out / "models", processed, tmp_path / "no-interim", out / "reports")
     run_info = json.loads((out / "models" / "run.json").read_text())
     client = mlflow.MlflowClient()

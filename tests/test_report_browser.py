@@ -49,7 +49,7 @@ def report(tmp_path_factory, mlflow_store) -> Path:
         pytest.skip(f"no headless browser: none of {', '.join(BROWSERS)} is on PATH")
     root = tmp_path_factory.mktemp("browser")
     params = tiny_params(
-        ingest={"split_method": "quota", "workers": 1, "near_dup_threshold": 0},
+        ingest={"split_method": "quota", "near_dup_threshold": 0}, runtime={"ingest_workers": 1},
         evaluate={"n_bootstrap": 20, "worst_errors": 4, "gradcam_per_class": 1},
     )
     raw = root / "raw"

@@ -50,7 +50,8 @@ def _wait_for_ping(server: subprocess.Popen, url: str, log, timeout: float = 120
 @pytest.mark.slow
 def test_registered_model_served_over_http_matches_wbc_predict(tiny_processed, tmp_path, isolated_mlflow):
     raw, processed, policy = tiny_processed
-    result, _, out = _train(tmp_path, processed, policy, epochs=2, log_model=True, registered_model=MODEL_NAME)
+    result, _, out = _train(tmp_path, processed, policy, epochs=2,
+                            tracking={"log_model": True, "registered_model": MODEL_NAME})
     run_info = json.loads((out / "models" / "run.json").read_text())
     version = run_info["registered_model_version"]
     registered = mlflow.MlflowClient().get_model_version(MODEL_NAME, version)

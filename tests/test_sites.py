@@ -61,7 +61,8 @@ def _params(root: Path, **ingest):
                  "label_map": {"1": "lymphocyte", "2": "neutrophil"}},
             ],
         },
-        "ingest": {"workers": 1, "near_dup_threshold": 0, **ingest},
+        "ingest": {"near_dup_threshold": 0, **ingest},
+        "runtime": {"ingest_workers": 1},
     })
 
 
@@ -109,7 +110,7 @@ def test_a_copy_of_a_held_out_image_in_a_training_site_is_held_out_too(three_sit
 def test_one_source_as_today_keeps_its_paths_and_takes_the_folder_name_as_site(tmp_path):
     root = tmp_path / "My Lab"
     _folder_site(root, 6, 4)
-    params = parse_params({"data": {"root": str(root), "classes": CLASSES}, "ingest": {"workers": 1}})
+    params = parse_params({"data": {"root": str(root), "classes": CLASSES}, "runtime": {"ingest_workers": 1}})
     run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
     rows = _manifest(tmp_path / "interim")
     assert {row["site"] for row in rows} == {"my-lab"}
@@ -170,7 +171,7 @@ def test_evaluation_reports_every_site_with_intervals_and_which_were_trained_on(
         _folder_site(root / site, 6, 10 + seed, classes=list(PBC_CLASSES))
     params = tiny_params(
         data={"root": str(root), "sources": [{"site": s, "root": s} for s in ["lab-a", "lab-b", "lab-c"]]},
-        ingest={"workers": 1, "near_dup_threshold": 0, "holdout_sites": ["lab-c"]},
+        ingest={"near_dup_threshold": 0, "holdout_sites": ["lab-c"]}, runtime={"ingest_workers": 1},
         evaluate={"n_bootstrap": 50, "worst_errors": 0, "gradcam_per_class": 0},
     )
     run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)

@@ -95,8 +95,9 @@ def test_train_state_is_saved_and_restored_as_one(tmp_path):
     assert restored.changes_from("a single digest of an older checkpoint") == ["checkpoint format"]
 
 
-def _train(tmp_path, processed, policy, **train_overrides):
-    params = tiny_params(train=train_overrides)
+def _train(tmp_path, processed, policy, tracking: dict | None = None, runtime: dict | None = None,
+           **train_overrides):
+    params = tiny_params(train=train_overrides, tracking=tracking or {}, runtime=runtime or {})
     out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
     result = run_train(params, processed, policy, out / "models", out / "reports", progress=False)
     history = pd.read_csv(out / "reports" / "train_history.csv")
@@ -106,7 +107,7 @@ def _train(tmp_path, processed, policy, **train_overrides):
 @pytest.mark.slow
 def test_training_writes_model_history_and_one_mlflow_run(tiny_processed, tmp_path):
     _, processed, policy = tiny_processed
-    result, history, out = _train(tmp_path, processed, policy, log_model=True, registered_model="")
+    result, history, out = _train(tmp_path, processed, policy, tracking={"log_model": True, "registered_model": ""})
     assert (out / "models" / "model.pt").is_file()
     assert not (out / "models" / "checkpoints").exists()  # removed once the run completed
     assert history["epoch"].tolist() == [1, 2, 3]
@@ -182,9 +183,9 @@ def test_frozen_backbone_epochs_leave_the_backbone_untouched(tiny_processed, tmp
 @pytest.mark.parametrize("workers", [0, 2])
 def test_killed_run_resumes_to_the_same_metrics(tiny_processed, tmp_path, monkeypatch, workers):
     _, processed, policy = tiny_processed
-    _, uninterrupted, _ = _train(tmp_path, processed, policy, epochs=4, num_workers=workers)
+    _, uninterrupted, _ = _train(tmp_path, processed, policy, epochs=4, runtime={"train_workers": workers})
 
-    params = tiny_params(train={"epochs": 4, "num_workers": workers})
+    params = tiny_params(train={"epochs": 4}, runtime={"train_workers": workers})
     out = tmp_path / "killed"
     interrupted_run = _interrupted_in_epoch(3, monkeypatch, params, processed, policy, out)
     # an interrupted run is ended as KILLED, not left RUNNING, until the next run continues it
@@ -312,7 +313,7 @@ def test_killed_run_that_cannot_be_resumed_is_closed_not_left_running(tiny_proce
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes_logs_one_run(tiny_processed, tmp_path, isolated_mlflow):
     raw, processed, policy = tiny_processed
-    params = tiny_params(train={"epochs": 2, "experiment": "ddp"}, data={"root": str(raw)})
+    params = tiny_params(train={"epochs": 2}, tracking={"experiment": "ddp"}, data={"root": str(raw)})
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": isolated_mlflow}
