@@ -83,8 +83,7 @@ def _cmd_normalize(args: argparse.Namespace, params: Params) -> None:
 def _cmd_augment(args: argparse.Namespace, params: Params) -> None:
     from pipeline.augment import run_augment
 
-    run_augment(args.processed / IMAGES_FILE, args.processed / INDEX_FILE, params.augment, args.policy,
-                args.preview)
+    run_augment(args.processed, params.augment, args.policy, args.preview)
     print(f"augment: policy written to {args.policy}, preview to {args.preview}")
 
 
@@ -126,18 +125,19 @@ def _cmd_export(args: argparse.Namespace, params: Params) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace, params: Params) -> None:
-    unused = [flag for flag, value in (("--name", args.name), ("--split", args.split != "all"), ("--map", args.map))
-              if value]
+    unused = [flag for flag, value in (("--name", args.name), ("--split", args.split != "all"), ("--map", args.map),
+                                       ("--adapt-bn", args.adapt_bn)) if value]
     if unused and args.dataset is None:
         raise UsageError(f"{', '.join(unused)} only apply with --dataset DIR (external validation)")
     from pipeline.evaluator import METRICS_FILE, REPORT_HTML
 
     if args.dataset is not None:
-        from pipeline.external import parse_map, run_external_evaluate, safe_name
+        from pipeline.external import ADAPTED_SUFFIX, parse_map, run_external_evaluate, safe_name
 
         metrics = run_external_evaluate(params, args.models, args.dataset, args.reports, name=args.name,
-                                        split=args.split, label_map=parse_map(args.map))
-        out = args.reports / "external" / safe_name(args.name or args.dataset.resolve().name)
+                                        split=args.split, label_map=parse_map(args.map), adapt_bn=args.adapt_bn)
+        name = safe_name(args.name or args.dataset.resolve().name) + (ADAPTED_SUFFIX if args.adapt_bn else "")
+        out = args.reports / "external" / name
         print(f"external validation: {metrics_summary(metrics)}\n  wrote {out / METRICS_FILE} and {out / REPORT_HTML}")
         return
     from pipeline.evaluate import run_evaluate
@@ -173,6 +173,17 @@ def _cmd_crosssite(args: argparse.Namespace, params: Params) -> None:
     else:
         print("crosssite: one site only, nothing to leave out")
     print(f"  wrote {args.out / REPORT_FILE}")
+
+
+def _cmd_adapt(args: argparse.Namespace, params: Params) -> None:
+    from pipeline.adapt import run_adapt
+    from pipeline.external import parse_map
+
+    shots = args.shots or params.adapt.shots
+    metrics = run_adapt(params, args.models, args.dataset, shots, name=args.name, label_map=parse_map(args.map),
+                        models_root=args.out_models, reports_root=args.out_reports, progress=not args.quiet)
+    print(f"adapt ({shots} per class): {metrics_summary(metrics)}\n  adapted model in {args.out_models}, "
+          f"report in {args.out_reports}")
 
 
 def _cmd_compare(args: argparse.Namespace, params: Params) -> None:
@@ -287,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of the external dataset in reports and MLflow (default: DIR's name)")
     p.add_argument("--split", choices=["all", *SPLITS], default="all",
                    help="split of the external dataset to evaluate: %(choices)s (default: %(default)s)")
+    p.add_argument("--adapt-bn", action="store_true",
+                   help="with --dataset: recompute the network's BatchNorm statistics on the dataset's images "
+                        "(no labels used) before evaluating; report in REPORTS/external/NAME-adapted-bn/ "
+                        "(default: off)")
     p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",
                    help="map an external label to a model class (repeatable); LABEL= marks it unknown to the model "
                         "(default: labels are matched to class names)")
@@ -296,6 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     _path(p, "--processed", PROCESSED, "normalized images of every site (output of wbc normalize)")
     _path(p, "--policy", POLICY, "augmentation policy (output of wbc augment)")
     _path(p, "--out", CROSS_SITE, "folder of the table, report, figure and metrics (replaced whole)")
+
+    p = command("adapt", _cmd_adapt,
+                "few-shot adaptation: fine-tune the model on K labelled images per class of a new site, score the rest")
+    p.add_argument("--dataset", type=Path, required=True, metavar="DIR",
+                   help="the new site, ingested and normalized (DIR/interim, DIR/processed)")
+    p.add_argument("--shots", type=int, metavar="K", help="labelled images per class (default: adapt.shots)")
+    p.add_argument("--name", help="name of the site in reports, models and MLflow (default: DIR's name)")
+    p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",
+                   help="map a label of the site to a model class (repeatable); LABEL= marks it unknown "
+                        "(default: labels are matched to class names)")
+    _path(p, "--models", MODELS, "folder of the trained model to adapt (output of wbc train)")
+    _path(p, "--out-models", MODELS / "adapted", "where the adapted model goes (a folder per site and K)")
+    _path(p, "--out-reports", REPORTS / "adapt", "where its evaluation report goes (a folder per site and K)")
 
     p = command("compare", _cmd_compare, "compare the runs of an MLflow experiment: table and bar plot in reports/")
     p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment from params)")

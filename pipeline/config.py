@@ -596,6 +596,17 @@ class PromoteParams(_Section):
     )
 
 
+class AdaptParams(_Section):
+    """``wbc adapt``: fine-tuning a trained model on a few labelled images of a new site."""
+
+    shots: int = Field(10, ge=1, description="labelled images per class to fine-tune on (wbc adapt --shots)")
+    epochs: int = Field(15, ge=1, description="fine-tuning epochs")
+    lr: float = Field(5e-4, gt=0.0, description="learning rate of the head; the backbone's is lr x backbone_lr_factor")
+    backbone_lr_factor: float = Field(0.5, gt=0.0, le=1.0)
+    adapt_bn: bool = Field(True, description="recompute BatchNorm statistics on all the site's images first")
+    seed: int = Field(0, description="which groups become the shots")
+
+
 class Params(_Section):
     """All pipeline parameters, one section per stage."""
 
@@ -625,6 +636,7 @@ class Params(_Section):
             raise ValueError(f"{'; '.join(moved)} (how and where stages run is no stage's dependency)")
         return data
     crosssite: CrossSiteParams = CrossSiteParams()
+    adapt: AdaptParams = AdaptParams()
 
     @model_validator(mode="after")
     def _holdout_sites_exist(self) -> Params:

@@ -22,18 +22,25 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline import tracking
-from pipeline.adaptation import adapt_batchnorm, batchnorm_layers
+from pipeline.adaptation import batchnorm_layers
 from pipeline.atomic import atomic_dir
 from pipeline.augment import load_policy
 from pipeline.config import Params
-from pipeline.data import ProcessedImages, Split, load_index, select_split
-from pipeline.evaluator import Evaluation, LoadedModel, evaluation_of, images_of_rows, predict_images
+from pipeline.data import Split, load_index, select_split
+from pipeline.evaluator import (
+    Evaluation,
+    LoadedModel,
+    evaluation_of,
+    images_of_rows,
+    predict_images,
+    with_adapted_batchnorm,
+)
 from pipeline.figures import new_figure, save_figure
 from pipeline.inference import pick_device
 from pipeline.metrics import CI_LEVEL
+from pipeline.processed import check_processed
 from pipeline.training import fit, model_meta
 
 SCORES = ("macro_f1", "accuracy", "balanced_accuracy")
@@ -71,22 +78,13 @@ def _split_of(index: pd.DataFrame, rows: np.ndarray, classes: list[str]) -> Spli
                  chosen["path"].tolist())
 
 
-def _score(model: LoadedModel, processed_dir: Path, rows: np.ndarray, params: Params,
-           network: torch.nn.Module | None = None) -> Evaluation | None:
-    """The model (or ``network``, an adapted copy) on ``rows``, scored on the classes they hold."""
+def _score(model: LoadedModel, processed_dir: Path, rows: np.ndarray, params: Params) -> Evaluation | None:
+    """The model on ``rows``, scored on the classes they hold."""
     if len(rows) == 0:
         return None
     images = images_of_rows(processed_dir, rows, model.classes)
-    scoring = model if network is None else LoadedModel(network, model.meta, model.device, model.run_info)
-    logits = predict_images(scoring, images, params.evaluate.batch_size)
+    logits = predict_images(model, images, params.evaluate.batch_size)
     return evaluation_of(model, images, logits, params.evaluate, present_classes_only=True)
-
-
-def _adapted(model: LoadedModel, processed_dir: Path, rows: np.ndarray, batch_size: int) -> torch.nn.Module:
-    """The network with BatchNorm statistics recomputed on the (unlabelled) images of ``rows``."""
-    split = Split(rows, np.zeros(len(rows), np.int64), [""] * len(rows))
-    loader = DataLoader(ProcessedImages(processed_dir, split, model.meta.image_size), batch_size=batch_size)
-    return adapt_batchnorm(model.network, (images for images, _ in loader), model.device)
 
 
 def _columns(prefix: str, evaluation: Evaluation | None) -> dict[str, object]:
@@ -124,8 +122,9 @@ def run_fold(fold: Fold, params: Params, processed_dir: Path, index: pd.DataFram
         for cls, entry in out_of_site.metrics["per_class"].items():
             record[f"recall/{cls}"] = entry["recall"]["value"]
     if params.crosssite.adapt_bn and batchnorm_layers(fitted.model):
-        adapted = _adapted(model, processed_dir, target_rows, params.evaluate.batch_size)
-        record.update(_columns("adapted_bn", _score(model, processed_dir, target_rows, params, network=adapted)))
+        target = images_of_rows(processed_dir, target_rows, model.classes)
+        adapted = with_adapted_batchnorm(model, target, params.evaluate.batch_size)
+        record.update(_columns("adapted_bn", _score(adapted, processed_dir, target_rows, params)))
     return record
 
 
@@ -219,6 +218,7 @@ def run_crosssite(params: Params, processed_dir: Path, policy_path: Path, out_di
     """Leave each site out in turn; write the table, report, figure and metrics to ``out_dir`` (swapped
     in whole) and log a parent MLflow run with a child run per fold. Data of one site gives a report
     that says so, and no fold."""
+    check_processed(processed_dir)
     index = load_index(processed_dir)
     select_split(index, "train", list(params.data.classes))  # labels outside data.classes fail here, early
     sites = list(dict.fromkeys(index["site"])) if "site" in index.columns else []

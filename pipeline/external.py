@@ -44,6 +44,7 @@ from pipeline.evaluator import (
     evaluate_images,
     load_evaluated_model,
     publish,
+    with_adapted_batchnorm,
 )
 from pipeline.figures import figure_path, plot_unknown_predictions
 from pipeline.layout import IMAGES_FILE, INDEX_FILE, INGEST_SUMMARY_FILE
@@ -52,6 +53,7 @@ from pipeline.report import Section, split_phrase
 from pipeline.sources import resolve_label
 
 SPLITS = ("all", "train", "val", "test")
+ADAPTED_SUFFIX = "-adapted-bn"  # the name of an evaluation after test-time BatchNorm adaptation
 UNKNOWN_FILE = "unknown.csv"
 
 
@@ -153,7 +155,7 @@ def unknown_summary(labels: Sequence[str], predicted: Sequence[str], confidence:
     return table[columns].reset_index(drop=True)
 
 
-def _selected(index: pd.DataFrame, split: str, processed_dir: Path) -> pd.DataFrame:
+def selected_rows(index: pd.DataFrame, split: str, processed_dir: Path) -> pd.DataFrame:
     """The index rows of ``split`` ("all": every row)."""
     if split not in SPLITS:
         raise ValueError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -250,11 +252,13 @@ def _sections(source: _Source, counts: pd.Series, unknown: pd.DataFrame) -> tupl
 
 def _note(evaluation: Evaluation, source: _Source) -> str:
     images = evaluation.images
+    adapted = ("The network's BatchNorm statistics were first recomputed on these same images (pixels only, "
+               "no label): test-time adaptation to this lab. " if source.name.endswith(ADAPTED_SUFFIX) else "")
     n_known, n_unknown = int(images.known.sum()), int((~images.known).sum())
     known_names = [evaluation.classes[c] for c in sorted(set(images.y[images.known].tolist()))]
     unknown_labels = sorted({lab for lab, u in zip(images.labels, ~images.known, strict=True) if u})
     return (
-        f"External validation: every number and figure in this report comes from {source.the_where} of the "
+        adapted + f"External validation: every number and figure in this report comes from {source.the_where} of the "
         f"{source.dataset} ({source.folder}), not from the data the model was trained on. Metrics cover the "
         f"{n_known:,} images of the {len(known_names)} model classes present ({', '.join(known_names)}); macro "
         "averages run over these classes only. "
@@ -300,18 +304,25 @@ def run_external_evaluate(
     name: str | None = None,
     split: str = "all",
     label_map: Mapping[str, str | None] | None = None,
+    adapt_bn: bool = False,
 ) -> dict[str, float]:
     """Evaluate ``model_dir/model.pt`` on the external dataset in ``dataset_dir``; write
-    ``reports_dir/external/<name>/`` and return the flat metrics of the known classes."""
+    ``reports_dir/external/<name>/`` and return the flat metrics of the known classes.
+
+    ``adapt_bn``: first recompute the network's BatchNorm statistics on the evaluated images (their
+    pixels, never their labels): test-time adaptation to that lab. The outputs are then named
+    ``<name>-adapted-bn``, beside the plain evaluation's."""
     dataset_dir = Path(dataset_dir)
-    name = safe_name(name or dataset_dir.resolve().name)
+    name = safe_name(name or dataset_dir.resolve().name) + (ADAPTED_SUFFIX if adapt_bn else "")
     interim_dir, processed_dir = locate_dataset(dataset_dir)
     index = load_index(processed_dir)
-    selected = _selected(index, split, processed_dir)
+    selected = selected_rows(index, split, processed_dir)
     model = load_evaluated_model(model_dir, params.runtime.device)
     label_map = dict(label_map or {})
     source = _Source(name, dataset_dir, split, resolve_mapping(index["label"], model.classes, label_map), label_map)
     images = mapped_images(processed_dir, selected, source.mapping, model.classes)
+    if adapt_bn:
+        model = with_adapted_batchnorm(model, images, params.evaluate.batch_size)
     evaluation = evaluate_images(model, images, params.evaluate, present_classes_only=True)
 
     out = Path(reports_dir) / "external" / name
