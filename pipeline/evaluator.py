@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from pipeline import registry, tracking
 from pipeline.adaptation import adapt_batchnorm
 from pipeline.calibration import calibration_summary, softmax
-from pipeline.config import EvaluateParams, Params
+from pipeline.config import STAGE_SECTIONS, EvaluateParams, Params
 from pipeline.data import ProcessedImages, Split, images_identity, load_index
 from pipeline.explain import write_explanation_figures
 from pipeline.figures import write_figures
@@ -298,7 +298,7 @@ def _write_report(evaluation: Evaluation, model: LoadedModel, target: Target, ou
         synthetic=target.synthetic,
         provenance=provenance,
         model=_model_summary(evaluation, model.meta),
-        params=params.model_dump(mode="json"),
+        params=params.model_dump(mode="json", include=set(STAGE_SECTIONS)),
         metrics=evaluation.metrics,
         figures=figures,
         note=_note(evaluation, extra),

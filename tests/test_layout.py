@@ -36,10 +36,11 @@ def _argv(stage: dict) -> list[str]:
 
 
 def _paths(stage: dict) -> list[PurePosixPath]:
-    """Every file or folder a stage lists in deps, outs, metrics and plots (templated ones left out)."""
+    """Every data file or folder a stage lists in deps, outs, metrics and plots (templated ones and the
+    stage's code in pipeline/ left out)."""
     entries = [entry for kind in OUTPUT_KINDS for entry in stage.get(kind, [])]
     names = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
-    return [PurePosixPath(name) for name in names if "${" not in name]
+    return [PurePosixPath(name) for name in names if "${" not in name and not name.startswith("pipeline/")]
 
 
 def _path_args(stage: dict) -> list[PurePosixPath]:
