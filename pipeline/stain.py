@@ -10,7 +10,7 @@ as JSON with the model); :func:`apply_stain` brings any image to it. Methods (:d
 - ``macenko``: Macenko et al. 2009, "A method for normalizing histology slides for quantitative
   analysis": optical density is split into two stain vectors (for May-Grünwald-Giemsa, the azure
   of nuclei and the eosin of red cells and granules, the extreme angles of the stained pixels in
-  their principal plane) and re-composed with the reference's vectors and intensities.
+  their principal plane) and re-composed with the reference's vectors and typical concentrations.
 
 What blood smears need that the textbook versions (and torchstain's numpy ports of them) lack:
 
@@ -19,6 +19,8 @@ What blood smears need that the textbook versions (and torchstain's numpy ports 
   differs by site, because framing does: a tight crop is mostly nucleus and cytoplasm, a cell in
   context mostly red cells and background. Matched as one population, a tight crop's nucleus is
   painted in the reference's red-cell colours; matched per region, nucleus goes to nucleus.
+  Macenko's stain concentrations are scaled the same way: the median nuclear-stain concentration
+  of the nucleus, not the 99th percentile over all pixels.
 - The background is standardised on its own: optical density is measured against each image's
   own background colour (which removes a yellow or blue illuminant or a camera's white balance),
   and background pixels are moved onto the reference background. Regions are blended by smooth
@@ -53,7 +55,7 @@ VOID_LEVEL = 10
 # Statistics are taken on a copy whose longer side is at most this.
 STATS_SIDE = 128
 # Fewer pixels than this in a region (on the statistics copy) carry no usable statistics.
-MIN_STAINED = 64
+MIN_STAINED = 24
 # Lowest chromatic density (spread of optical density across channels) a nucleus pixel may have:
 # nuclei measure 0.6 to 3 on the four public sites this was tuned on, red cells 0.1 to 0.3.
 MIN_NUCLEUS_CONTRAST = 0.35
@@ -81,39 +83,36 @@ POOL_PER_IMAGE = 4000
 class StainReference:
     """A fitted colour reference: ``method`` and its numbers (``values``, plain lists of floats).
 
-    ``n_images`` is how many images it was fitted on. :meth:`to_dict` / :meth:`from_dict` round-trip
-    it through JSON exactly.
+    ``n_images`` is how many images it was fitted on. Checked when made (ValueError naming what is
+    missing or of the wrong shape); :meth:`to_dict` / :meth:`from_dict` round-trip it through JSON
+    exactly.
     """
 
     method: str
     values: dict[str, list] = field(default_factory=dict)
     n_images: int = 0
 
+    def __post_init__(self) -> None:
+        if self.method not in STAIN_METHODS:
+            raise ValueError(f"stain reference: method must be one of {list(STAIN_METHODS)}, got {self.method!r}")
+        shapes = _VALUE_SHAPES[self.method]
+        wrong = {key: shape for key, shape in shapes.items() if np.shape(self.values.get(key)) != shape}
+        if wrong:
+            raise ValueError(f"stain reference ({self.method}): values missing or of the wrong shape, expected {wrong}")
+        plain = {key: _plain(self.values[key]) for key in shapes}
+        if not all(np.isfinite(value).all() for value in plain.values()):
+            raise ValueError(f"stain reference ({self.method}): values must be finite numbers")
+        object.__setattr__(self, "values", plain)
+
     def to_dict(self) -> dict[str, Any]:
         """The reference as JSON-ready plain data."""
-        return {
-            "method": self.method,
-            "values": {k: _plain(v) for k, v in self.values.items()},
-            "n_images": self.n_images,
-        }
+        return {"method": self.method, "values": dict(self.values), "n_images": self.n_images}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StainReference:
         """A reference from :meth:`to_dict`'s output; ValueError naming what is missing or wrong."""
-        method = data.get("method")
-        if method not in STAIN_METHODS:
-            raise ValueError(f"stain reference: method must be one of {list(STAIN_METHODS)}, got {method!r}")
-        values = dict(data.get("values") or {})
-        missing = [key for key, shape in _VALUE_SHAPES[method].items() if np.shape(values.get(key)) != shape]
-        if missing:
-            expected = {key: _VALUE_SHAPES[method][key] for key in missing}
-            raise ValueError(
-                f"stain reference ({method}): values {missing} missing or of the wrong shape, expected {expected}"
-            )
         return cls(
-            method=method,
-            values={k: _plain(values[k]) for k in _VALUE_SHAPES[method]},
-            n_images=int(data.get("n_images", 0)),
+            method=data.get("method"), values=dict(data.get("values") or {}), n_images=int(data.get("n_images", 0))
         )
 
 
@@ -126,7 +125,7 @@ _VALUE_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
         "stained_std": (3,),
         "background": (3,),
     },
-    "macenko": {"stains": (3, 2), "max_concentration": (2,), "background": (3,)},
+    "macenko": {"stains": (3, 2), "concentration": (2,), "background": (3,)},
 }
 
 
@@ -438,8 +437,18 @@ def _concentrations(density: np.ndarray, stains: np.ndarray) -> np.ndarray:
     return density @ np.linalg.pinv(stains).T
 
 
-def _max_concentration(concentrations: np.ndarray) -> np.ndarray:
-    return np.percentile(concentrations, 99, axis=0)
+def _typical_concentrations(measured: _Measured, stains: np.ndarray) -> np.ndarray:
+    """The median nuclear-stain concentration of the nucleus pixels and the median second-stain
+    concentration of the other stained pixels (all stained pixels stand in for a region that is
+    too small). Per region, unlike Macenko's 99th percentile over all pixels, so a tight crop (mostly
+    nucleus) and a cell in context (mostly red cells) are scaled alike."""
+    concentrations = _concentrations(measured.density[measured.stained], stains)
+    nucleus = measured.nucleus[measured.stained]
+    typical = np.median(concentrations, axis=0)
+    for stain, region in ((0, nucleus), (1, ~nucleus)):
+        if region.sum() >= MIN_STAINED:
+            typical[stain] = np.median(concentrations[region, stain])
+    return typical
 
 
 def _fit_macenko(images: list[np.ndarray]) -> dict[str, list]:
@@ -450,14 +459,10 @@ def _fit_macenko(images: list[np.ndarray]) -> dict[str, list]:
     stains = stain_vectors(np.concatenate(pooled), np.median(nuclear, axis=0) if nuclear else None) if pooled else None
     if stains is None:
         raise ValueError(f"macenko: the {len(images)} reference images do not show two separable stains")
-    peaks = [
-        _max_concentration(_concentrations(m.density[m.stained], stains))
-        for m in measured
-        if m.n_stained >= MIN_STAINED
-    ]
+    typical = [_typical_concentrations(m, stains) for m in usable]
     return {
         "stains": stains,
-        "max_concentration": np.maximum(np.median(peaks, axis=0), 1e-3),
+        "concentration": np.maximum(np.median(typical, axis=0), 1e-3),
         "background": np.median([m.background for m in measured], axis=0),
     }
 
@@ -477,8 +482,8 @@ def _apply_macenko(image: np.ndarray, values: Mapping[str, list]) -> np.ndarray:
         stained = measured.density[measured.stained]
         found = stain_vectors(stained, _nuclear_direction(measured))
         stains = ref_stains if found is None else found
-        peak = _max_concentration(_concentrations(stained, stains))
-        gain = np.clip(np.asarray(values["max_concentration"]) / np.maximum(peak, 1e-6), 1 / MAX_GAIN, MAX_GAIN)
+        typical = _typical_concentrations(measured, stains)
+        gain = np.clip(np.asarray(values["concentration"]) / np.maximum(typical, 1e-6), 1 / MAX_GAIN, MAX_GAIN)
     # Concentrations (pinv(stains) @ density), rescaled to the reference's intensities and re-composed
     # with its stain colours: one 3x3 matrix per pixel, applied by cv2.transform.
     recompose = ref_stains @ (gain[:, None] * np.linalg.pinv(stains))
@@ -515,7 +520,7 @@ def fit_reference(images: Iterable[np.ndarray], method: str) -> StainReference:
     if not batch:
         raise ValueError("fit_reference needs at least one image")
     fit, _ = _METHODS[method]
-    return StainReference(method=method, values={k: _plain(v) for k, v in fit(batch).items()}, n_images=len(batch))
+    return StainReference(method=method, values=fit(batch), n_images=len(batch))
 
 
 def apply_stain(image: np.ndarray, reference: StainReference) -> np.ndarray:
