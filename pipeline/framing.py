@@ -332,10 +332,10 @@ def cut_square(image: np.ndarray, centre: tuple[float, float], side: float, size
     if region.size == 0:
         return np.full((size, size, 3), colour, np.uint8)
     region = region.copy()
-    # Padding gets the background colour too, with a pixel more for the compression ringing at its edge.
+    # Padding gets the background colour too, with the dark fringe (up to 3 px, compression) along its edge.
     void = void_mask(region)
     if void.any():
-        region[cv2.dilate(void.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0] = colour
+        region[cv2.dilate(void.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0] = colour
     top, left = max(0, -y0), max(0, -x0)
     square = cv2.copyMakeBorder(
         region,
