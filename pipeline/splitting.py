@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import IngestParams
+from pipeline.hashindex import hamming_pairs
 from pipeline.inspection import Inspection
 from pipeline.layout import HOLDOUT, SPLITS
 from pipeline.sources import Candidate, IngestError, Rejection
@@ -52,18 +53,15 @@ def _shared_key_links(keys: list[Iterable[str]]) -> Iterator[tuple[int, int]]:
 def near_duplicate_pairs(
     hashes: list[bytes], threshold: int, block: int = 256
 ) -> Iterator[tuple[int, int, int]]:
-    """(i, j, distance) for every i < j whose hashes differ in at most ``threshold`` bits.
+    """(i, j, distance) for every i < j whose hashes differ in at most ``threshold`` bits, in (i, j) order.
 
-    All pairs are compared (vectorised, in blocks): about 8 s for 12,800 hashes on one core.
+    Found with a multi-index hash table (:func:`pipeline.hashindex.hamming_pairs`), exactly the pairs
+    that comparing all pairs finds, without comparing all pairs: under a second for 12,800 hashes
+    instead of 8, minutes rather than hours for a million. ``block`` is no longer used.
     """
-    words = np.frombuffer(b"".join(hashes), dtype=np.uint64).reshape(len(hashes), -1)
-    for start in range(0, len(words), block):
-        chunk = words[start : start + block, None, :] ^ words[None, start:, :]
-        distances = np.bitwise_count(chunk).sum(axis=2, dtype=np.int32)
-        rows, cols = np.nonzero(distances <= threshold)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            if r < c:
-                yield start + r, start + c, int(distances[r, c])
+    codes = np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(len(hashes), len(hashes[0]) if hashes else 0)
+    i, j, distance = hamming_pairs(codes, threshold)
+    yield from zip(i.tolist(), j.tolist(), distance.tolist(), strict=True)
 
 
 @dataclass(eq=False)
