@@ -352,7 +352,7 @@ def cut_square(image: np.ndarray, centre: tuple[float, float], side: float, size
 def frame_cell(
     image: np.ndarray,
     size: int,
-    scale: str = "red-cell",
+    scale: str,
     *,
     field_um: float = 30.0,
     um_per_px: float | None = None,
@@ -363,7 +363,8 @@ def frame_cell(
 
     ``scale`` is one of :data:`FRAMING_SCALES`: ``red-cell`` (the square spans ``field_um`` µm, the
     pixel size measured from this image's red cells, ``red_cell_um`` across), ``pixel-size`` (the same
-    with the given ``um_per_px``) or ``nucleus`` (the nucleus spans ``nucleus_fraction`` of the side).
+    with the given ``um_per_px``, checked whenever it is given) or ``nucleus`` (the nucleus spans
+    ``nucleus_fraction`` of the side).
     Returns ``found=False`` with a reason from :data:`FRAMING_REASONS` when there is no cell or no
     ruler; ValueError naming the parameter when one is out of range.
     """
