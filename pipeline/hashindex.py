@@ -115,8 +115,9 @@ def plan_parts(codes: np.ndarray, threshold: int, m: int) -> list[Part]:
     nbits = codes.shape[1] * 8
     if not 1 <= m <= nbits:
         raise ValueError(f"parts must be between 1 and {nbits} for {nbits}-bit hashes, got {m}")
-    if ceil(nbits / m) > _MAX_KEY_BITS:
-        raise ValueError(f"{m} parts of {nbits} bits exceed {_MAX_KEY_BITS}-bit keys; use {ceil(nbits / 64)} or more")
+    fewest = ceil(nbits / _MAX_KEY_BITS)
+    if m < fewest:
+        raise ValueError(f"{m} parts of {nbits} bits exceed {_MAX_KEY_BITS}-bit keys; use {fewest} or more")
     shape = _shape(m, threshold, nbits)
     dealt: list[list[int]] = [[] for _ in range(m)]
     for rank, bit in enumerate(_bits_by_entropy(codes)):
@@ -272,10 +273,12 @@ def _candidates(keys: np.ndarray, radius: int) -> Iterator[tuple[np.ndarray, np.
     for top in range(length):
         # a pair of buckets (u, u ^ f) is listed once: from the u whose bit at f's highest one is clear
         low = np.flatnonzero((keys >> top) & 1 == 0)
+        if not len(low):
+            continue
         probes = keys[low]
         for weight in range(1, min(radius, top + 1) + 1):
             patterns = _patterns(top, weight, keys.dtype)
-            per_batch = max(1, PROBE_BATCH // max(1, len(low)))  # many patterns per numpy call
+            per_batch = max(1, PROBE_BATCH // len(low))  # many patterns per numpy call
             for first in range(0, len(patterns), per_batch):
                 hits, found = find((patterns[first : first + per_batch, None] ^ probes[None, :]).ravel())
                 p = low[hits % len(low)]

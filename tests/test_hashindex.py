@@ -101,9 +101,10 @@ def test_every_code_identical():
     assert (i < j).all()
 
 
-@pytest.mark.parametrize("nbytes, threshold", [(8, 10), (5, 6), (16, 30)])
+@pytest.mark.parametrize("nbytes, threshold", [(8, 10), (5, 6), (16, 30), (2, 16)])
 def test_codes_of_other_lengths(nbytes, threshold):
-    codes = planted(300, nbytes, list(range(threshold + 3)), seed=nbytes)
+    # (2, 16): a threshold of every bit pairs everything
+    codes = planted(300, nbytes, list(range(min(threshold + 3, nbytes * 8) + 1)), seed=nbytes)
     assert assert_same_pairs(codes, threshold) >= threshold
 
 
