@@ -93,8 +93,9 @@ def _subset(images: Images, positions: np.ndarray) -> Images:
                   images.y[positions], labels)
 
 
-def _fine_tune(model: LoadedModel, images: Images, shots: Shots, params: Params, progress: str) -> LoadedModel:
-    """AdaBN on every image of the site, then fine-tuning on the shots with BatchNorm frozen."""
+def fine_tune(model: LoadedModel, images: Images, shots: Shots, params: Params, progress: str) -> LoadedModel:
+    """``model`` adapted to the site of ``images``: AdaBN on all of them, then fine-tuning on ``shots.train``
+    with BatchNorm frozen (the shots are too few to estimate it); the model keeps its temperature."""
     settings = params.adapt
     if settings.adapt_bn and batchnorm_layers(model.network):
         model = with_adapted_batchnorm(model, images, params.evaluate.batch_size)
@@ -131,7 +132,7 @@ def run_adapt(params: Params, model_dir: Path, dataset_dir: Path, shots: int, *,
     if len(chosen.train) == 0:
         raise ValueError(f"{dataset_dir}: no class has two or more groups of images, so no shots can be taken "
                          "while keeping images of the class to score")
-    adapted = _fine_tune(parent, images, chosen, params, f"adapt {name}" if progress else "")
+    adapted = fine_tune(parent, images, chosen, params, f"adapt {name}" if progress else "")
 
     out_models = Path(models_root) / name
     model_path = out_models / MODEL_FILE

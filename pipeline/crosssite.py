@@ -66,7 +66,8 @@ def folds(index: pd.DataFrame, only: list[str] | None = None) -> list[Fold]:
     return [Fold(site, tuple(s for s in sites if s != site and s in with_train)) for site in chosen]
 
 
-def _rows(index: pd.DataFrame, sites: tuple[str, ...] | str, split: str | None) -> np.ndarray:
+def site_rows(index: pd.DataFrame, sites: tuple[str, ...] | str, split: str | None) -> np.ndarray:
+    """Positions of the rows of ``sites`` (one name or several) in ``split`` (None: every split)."""
     in_sites = index["site"].isin([sites] if isinstance(sites, str) else list(sites)).to_numpy()
     in_split = np.ones(len(index), bool) if split is None else index["split"].to_numpy() == split
     return np.flatnonzero(in_sites & in_split)
@@ -99,32 +100,50 @@ def _columns(prefix: str, evaluation: Evaluation | None) -> dict[str, object]:
     return record
 
 
-def run_fold(fold: Fold, params: Params, processed_dir: Path, index: pd.DataFrame, policy: A.Compose | None,
-             device: torch.device, progress: bool) -> dict[str, object]:
-    """Train without ``fold.left_out`` and score it: one row of the cross-site table."""
+def fold_model(fold: Fold, params: Params, processed_dir: Path, index: pd.DataFrame, policy: A.Compose | None,
+               device: torch.device, progress: bool = False) -> LoadedModel | None:
+    """A model trained on ``fold.trained_on`` (their train split, validated on their val split) with the
+    train stage's recipe; None when those sites hold no train or no val image."""
     classes = list(params.data.classes)
     cfg = params.train.model_copy(update={"epochs": params.crosssite.epochs or params.train.epochs})
-    train = _split_of(index, _rows(index, fold.trained_on, "train"), classes)
-    val = _split_of(index, _rows(index, fold.trained_on, "val"), classes)
-    record: dict[str, object] = {"left_out": fold.left_out, "trained_on": " ".join(fold.trained_on)}
+    train = _split_of(index, site_rows(index, fold.trained_on, "train"), classes)
+    val = _split_of(index, site_rows(index, fold.trained_on, "val"), classes)
     if len(train.rows) == 0 or len(val.rows) == 0:
-        return {**record, "skipped": "no other site has both train and val images"}
+        return None
     fitted = fit(cfg, len(classes), processed_dir, train, val, policy, device,
                  progress=f"without {fold.left_out}" if progress else "", runtime=params.runtime)
     meta = model_meta(params.model_copy(update={"train": cfg}), fitted.best_epoch, fitted.best_val_macro_f1,
                       fitted.temperature)
-    model = LoadedModel(fitted.model, meta, device, {})
-    target_rows = _rows(index, fold.left_out, None)
-    out_of_site = _score(model, processed_dir, target_rows, params)
-    record.update(_columns("in_site", _score(model, processed_dir, _rows(index, fold.trained_on, "test"), params)))
-    record.update(_columns("out_of_site", out_of_site))
-    if out_of_site is not None:
-        for cls, entry in out_of_site.metrics["per_class"].items():
-            record[f"recall/{cls}"] = entry["recall"]["value"]
-    if params.crosssite.adapt_bn and batchnorm_layers(fitted.model):
-        target = images_of_rows(processed_dir, target_rows, model.classes)
-        adapted = with_adapted_batchnorm(model, target, params.evaluate.batch_size)
-        record.update(_columns("adapted_bn", _score(adapted, processed_dir, target_rows, params)))
+    return LoadedModel(fitted.model, meta, device, {})
+
+
+def score_columns(prefix: str, model: LoadedModel, processed_dir: Path, rows: np.ndarray,
+                  params: Params) -> dict[str, object]:
+    """``<prefix>_n`` and each of :data:`SCORES` with its interval (``<prefix>_<score>[_ci_low|_ci_high]``)
+    of the model on ``rows``, over the classes they hold; with ``recall/<class>`` for ``out_of_site``."""
+    evaluation = _score(model, processed_dir, rows, params)
+    record = _columns(prefix, evaluation)
+    if evaluation is not None and prefix == "out_of_site":
+        record.update({f"recall/{cls}": entry["recall"]["value"]
+                       for cls, entry in evaluation.metrics["per_class"].items()})
+    return record
+
+
+def run_fold(fold: Fold, params: Params, processed_dir: Path, index: pd.DataFrame, policy: A.Compose | None,
+             device: torch.device, progress: bool) -> dict[str, object]:
+    """Train without ``fold.left_out`` and score it: one row of the cross-site table."""
+    record: dict[str, object] = {"left_out": fold.left_out, "trained_on": " ".join(fold.trained_on)}
+    model = fold_model(fold, params, processed_dir, index, policy, device, progress)
+    if model is None:
+        return {**record, "skipped": "no other site has both train and val images"}
+    target_rows = site_rows(index, fold.left_out, None)
+    in_site = site_rows(index, fold.trained_on, "test")
+    record.update(score_columns("in_site", model, processed_dir, in_site, params))
+    record.update(score_columns("out_of_site", model, processed_dir, target_rows, params))
+    if params.crosssite.adapt_bn and batchnorm_layers(model.network):
+        adapted = with_adapted_batchnorm(model, images_of_rows(processed_dir, target_rows, model.classes),
+                                         params.evaluate.batch_size)
+        record.update(score_columns("adapted_bn", adapted, processed_dir, target_rows, params))
     return record
 
 
