@@ -6,6 +6,7 @@ applies exactly the policy this stage wrote and previewed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import albumentations as A
@@ -13,7 +14,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.atomic import write_bytes, write_text
 from pipeline.config import AugmentParams
+from pipeline.layout import IMAGES_FILE, INDEX_FILE
+from pipeline.processed import check_processed
 
 
 def build_policy(params: AugmentParams) -> A.Compose:
@@ -72,10 +76,14 @@ def shift_transforms(params: AugmentParams) -> list[A.BasicTransform]:
     return [make(probability) for probability, make in candidates if probability > 0]
 
 
+def policy_json(policy: A.Compose) -> str:
+    """``policy`` serialised as the JSON text :func:`load_policy` reads."""
+    return json.dumps(A.to_dict(policy), indent=2) + "\n"
+
+
 def save_policy(policy: A.Compose, path: Path) -> None:
-    """Serialise ``policy`` as JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    A.save(policy, str(path), data_format="json")
+    """Serialise ``policy`` as JSON, replacing ``path`` in one step."""
+    write_text(path, policy_json(policy))
 
 
 def load_policy(path: Path) -> A.Compose:
@@ -96,12 +104,13 @@ def preview_grid(images: np.ndarray, policy: A.Compose, variants: int = 5, tile:
     return np.concatenate(rows, axis=0)
 
 
-def run_augment(images_path: Path, index_path: Path, params: AugmentParams, policy_path: Path,
-                preview_path: Path) -> None:
-    """Build and save the policy, and write a preview grid of it on training images."""
+def run_augment(processed_dir: Path, params: AugmentParams, policy_path: Path, preview_path: Path) -> None:
+    """Build and save the policy, and write a preview grid of it on training images of ``processed_dir``
+    (checked first: :func:`pipeline.processed.check_processed`). Both are made before either file is
+    replaced, and each file is replaced in one step."""
+    check_processed(processed_dir)
     policy = build_policy(params)
-    save_policy(policy, policy_path)
-    index = pd.read_csv(index_path)
+    index = pd.read_csv(processed_dir / INDEX_FILE)
     train_rows = np.flatnonzero(index["split"].to_numpy() == "train")
     rng = np.random.default_rng(params.seed)
     # One image per class first, so the preview shows the policy on every kind of cell.
@@ -111,7 +120,12 @@ def run_augment(images_path: Path, index_path: Path, params: AugmentParams, poli
     extra = params.preview_images - len(chosen)
     if extra > 0 and remaining.size:
         chosen += list(rng.choice(remaining, size=min(extra, remaining.size), replace=False))
-    images = np.load(images_path, mmap_mode="r")[np.sort(chosen)]
-    grid = preview_grid(images, load_policy(policy_path))
-    preview_path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(preview_path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    images = np.load(processed_dir / IMAGES_FILE, mmap_mode="r")[np.sort(chosen)]
+    serialised = policy_json(policy)
+    # previewed as read back from its JSON: the preview shows the policy training will load
+    grid = preview_grid(images, A.from_dict(json.loads(serialised)))
+    encoded, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not encoded:
+        raise ValueError(f"{preview_path}: the preview grid could not be encoded as PNG")
+    write_bytes(preview_path, png.tobytes())
+    write_text(policy_path, serialised)

@@ -11,6 +11,7 @@ stage only chooses the rows (the test split) and names them.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ import pandas as pd
 from pipeline.config import Params
 from pipeline.data import load_index
 from pipeline.evaluator import (
-    FIGURES_DIR,
     Extra,
     LoadedModel,
     Target,
@@ -29,7 +29,8 @@ from pipeline.evaluator import (
     publish,
 )
 from pipeline.figures import figure_path, plot_site_scores
-from pipeline.layout import HOLDOUT, INGEST_SUMMARY_FILE
+from pipeline.layout import HOLDOUT, INGEST_SUMMARY_FILE, MANIFEST_FILE
+from pipeline.processed import check_processed
 from pipeline.registry import CANDIDATE
 from pipeline.sites import SITES_FILE, site_flat, site_rows, site_section, site_table
 
@@ -51,7 +52,10 @@ def read_ingest_summary(interim_dir: Path) -> dict:
 
 def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_dir: Path,
                  reports_dir: Path) -> dict[str, float]:
-    """Evaluate ``model_dir/model.pt`` on the test split; return the flat headline metrics."""
+    """Evaluate ``model_dir/model.pt`` on the test split; return the flat headline metrics. The processed
+    data is checked first: complete, from one normalize run, of the manifest in ``interim_dir`` when there
+    is one (:func:`pipeline.processed.check_processed`)."""
+    check_processed(processed_dir, Path(interim_dir) / MANIFEST_FILE)
     index = load_index(processed_dir)
     rows = np.flatnonzero(index["split"].to_numpy() == "test")
     if len(rows) == 0:
@@ -63,8 +67,9 @@ def run_evaluate(params: Params, model_dir: Path, processed_dir: Path, interim_d
     history = pd.read_csv(history_path) if history_path.is_file() else None
     model = load_evaluated_model(model_dir, params.runtime.device)
     evaluation = evaluate_images(model, images_of_rows(processed_dir, rows, model.classes), params.evaluate)
-    extra = per_site_outputs(model, processed_dir, index, params, target.dataset, Path(reports_dir) / FIGURES_DIR)
-    return publish(evaluation, model, target, Path(reports_dir), params, history=history, extra=extra)
+    with tempfile.TemporaryDirectory(prefix="wbc-evaluate-") as scratch:  # publish copies its figure in
+        extra = per_site_outputs(model, processed_dir, index, params, target.dataset, Path(scratch))
+        return publish(evaluation, model, target, Path(reports_dir), params, history=history, extra=extra)
 
 
 def per_site_outputs(model: LoadedModel, processed_dir: Path, index: pd.DataFrame, params: Params, dataset: str,

@@ -16,7 +16,12 @@ model saved without one gets 1.0, and the report says so.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -32,13 +37,14 @@ from torch.utils.data import DataLoader
 
 from pipeline import registry, tracking
 from pipeline.adaptation import adapt_batchnorm
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.calibration import calibration_summary, softmax
 from pipeline.config import STAGE_SECTIONS, EvaluateParams, Params
 from pipeline.data import ProcessedImages, Split, images_identity, load_index
 from pipeline.explain import write_explanation_figures
 from pipeline.figures import write_figures
 from pipeline.inference import load_model, pick_device, predict_logits
-from pipeline.layout import IMAGES_FILE, MODEL_FILE
+from pipeline.layout import IMAGES_FILE, MODEL_FILE, RUN_INFO_FILE
 from pipeline.metrics import TEST_PREFIX, classification_metrics, flat_metrics, per_class_metrics
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
@@ -51,7 +57,7 @@ PREDICTIONS_FILE = "predictions.csv"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 FIGURES_DIR = "figures"
-RUN_INFO_FILE = "run.json"
+_STAGING_PREFIX = ".evaluation.tmp-"  # the folder an evaluation is written into before it replaces the outputs
 
 
 @dataclass(frozen=True)
@@ -138,17 +144,35 @@ class Extra:
     figures: dict[str, Path] = field(default_factory=dict)  # figure key -> PNG already written
 
 
-def read_run_info(model_dir: Path) -> dict:
-    """``run.json`` written by the train stage (MLflow run and store of the model), or {}."""
-    path = Path(model_dir) / RUN_INFO_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def read_run_info(model_dir: Path, meta: ModelMeta) -> dict:
+    """``run.json`` of the train stage (the MLflow store, experiment and logged model of the run) for the
+    model whose metadata is ``meta``, or {} for a model trained without tracking.
+
+    The run id has one source, the model's own metadata (saved inside ``model.pt``); ``run.json`` is
+    written after the model and is accepted only when it names that same run. Otherwise (missing, or
+    left by an earlier run because the train stage stopped between the two files) a ``ValueError``
+    names both files and the fix, rather than evaluating into another run.
+    """
+    path, model = Path(model_dir) / RUN_INFO_FILE, Path(model_dir) / MODEL_FILE
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    recorded = None if record is None else record.get("run_id")
+    if recorded == meta.run_id:
+        return record or {}
+    if record is None:
+        found = f"{model} was trained in MLflow run {meta.run_id} but {path} is missing"
+    elif meta.run_id is None:
+        found = f"{path} names MLflow run {recorded} but {model} records no run"
+    else:
+        found = f"{path} names MLflow run {recorded} but {model} was trained in run {meta.run_id}"
+    raise ValueError(f"{found}: the two files are not from one training run (the train stage stopped between "
+                     "writing them, or they were copied apart); run `wbc train` again")
 
 
 def load_evaluated_model(model_dir: Path, device: str = "auto") -> LoadedModel:
-    """The model in ``model_dir`` (``model.pt`` and ``run.json``) on ``device`` (auto, cpu or cuda)."""
+    """The model in ``model_dir`` (``model.pt`` and its ``run.json``) on ``device`` (auto, cpu or cuda)."""
     torch_device = pick_device(device)
     network, meta = load_model(Path(model_dir) / MODEL_FILE, torch_device)
-    return LoadedModel(network, meta, torch_device, read_run_info(model_dir))
+    return LoadedModel(network, meta, torch_device, read_run_info(model_dir, meta))
 
 
 def images_of_rows(processed_dir: Path, rows: np.ndarray | list[int], classes: list[str]) -> Images:
@@ -341,26 +365,58 @@ def log_evaluation(run_info: dict, flat: dict[str, float], out_dir: Path, files:
 def publish(evaluation: Evaluation, model: LoadedModel, target: Target, out_dir: Path, params: Params, *,
             history: pd.DataFrame | None = None, extra: Extra = Extra()) -> dict[str, float]:
     """Write figures, ``metrics.json``, ``per_class.csv``, ``predictions.csv``, ``extra``'s tables and the
-    report into ``out_dir``; log them into the model's MLflow run; return the flat metrics.
+    report into ``out_dir`` (all replaced only once complete and logged: :func:`staged_outputs`); log them
+    into the model's MLflow run; return the flat metrics.
 
     ``history`` (the train stage's per-epoch table) adds the training curves.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figures = {**_write_figures(evaluation, model, out_dir / FIGURES_DIR, params.evaluate, history), **extra.figures}
     flat = {**flat_metrics(evaluation.metrics), **extra.flat}
-    (out_dir / METRICS_FILE).write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
     tables = {PER_CLASS_FILE: per_class_table(evaluation.metrics), PREDICTIONS_FILE: predictions_table(evaluation),
               **extra.tables}
-    for name, table in tables.items():
-        table.to_csv(out_dir / name, index=False)
-    _write_report(evaluation, model, target, out_dir, params, figures, extra)
-    log_evaluation(model.run_info, flat, out_dir, [METRICS_FILE, *tables, REPORT_HTML, REPORT_MD],
-                   metric_prefix=target.metric_prefix, artifact_path=target.artifact_path,
-                   dataset=evaluated_dataset(evaluation.images, target.split))
-    if target.registry_alias:
-        registry.set_alias(model.run_info, target.registry_alias)
+    with staged_outputs(Path(out_dir)) as stage:
+        figures = {**_write_figures(evaluation, model, stage / FIGURES_DIR, params.evaluate, history),
+                   **_copied_figures(extra.figures, stage / FIGURES_DIR)}
+        write_json(stage / METRICS_FILE, flat)
+        for name, table in tables.items():
+            table.to_csv(stage / name, index=False)
+        _write_report(evaluation, model, target, stage, params, figures, extra)
+        log_evaluation(model.run_info, flat, stage, [METRICS_FILE, *tables, REPORT_HTML, REPORT_MD],
+                       metric_prefix=target.metric_prefix, artifact_path=target.artifact_path,
+                       dataset=evaluated_dataset(evaluation.images, target.split))
+        if target.registry_alias:
+            registry.set_alias(model.run_info, target.registry_alias)
     return flat
+
+
+def _copied_figures(figures: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """``figures`` (PNGs a caller wrote) copied into ``folder``, which replaces the published figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {key: Path(shutil.copy2(path, folder / Path(path).name)) for key, path in figures.items()}
+
+
+@contextmanager
+def staged_outputs(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside ``out_dir`` for an evaluation's outputs (laid out as in ``out_dir``, so
+    the report's links hold). When the block completes they replace those in ``out_dir``: the figures
+    folder whole in one step, then each file in one rename, ``metrics.json`` last, so a kill leaves every
+    file either the previous complete one or the new one, and a new ``metrics.json`` means all are new.
+    On failure the folder is removed and ``out_dir`` is untouched."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(f"{_STAGING_PREFIX}*"):  # of an evaluation killed before it could clean up
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out_dir))
+    try:
+        yield stage
+        if (stage / FIGURES_DIR).is_dir():
+            with atomic_dir(out_dir / FIGURES_DIR) as figures:
+                for path in (stage / FIGURES_DIR).iterdir():
+                    os.replace(path, figures / path.name)
+        for path in sorted((p for p in stage.iterdir() if p.is_file()), key=lambda p: p.name == METRICS_FILE):
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def evaluate_rows(params: Params, model_dir: Path, processed_dir: Path, rows: np.ndarray | list[int],

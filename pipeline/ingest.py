@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.atomic import write_json, write_text
 from pipeline.config import Params
 from pipeline.inspection import PHASH_BITS, REASON_MEANINGS, inspect_all
 from pipeline.layout import (
@@ -38,10 +39,13 @@ from pipeline.layout import (
     SPLITS,
 )
 from pipeline.markdown import Markdown, md_code, md_text
+from pipeline.outputs import stage_folder
 from pipeline.sources import Rejection, discover
 from pipeline.splitting import Item, assign_splits, picture_groups, quarantine_conflicts, split_groups
 
 log = logging.getLogger(__name__)
+
+INTERIM_FILES = (MANIFEST_FILE, REJECTED_FILE, INGEST_SUMMARY_FILE)  # the output folder holds these and nothing else
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +60,8 @@ def run_ingest(
 ) -> dict:
     """Check, de-duplicate and split the raw images; write manifest, rejections and a report.
 
-    Writes ``manifest.csv``, ``rejected.csv`` and ``ingest.json`` to ``out_dir`` and
-    ``ingest.md`` to ``reports_dir``; returns the ingest.json record.
+    Writes ``manifest.csv``, ``rejected.csv`` and ``ingest.json`` to ``out_dir`` (a folder of their
+    own, replaced whole) and ``ingest.md`` to ``reports_dir``; returns the ingest.json record.
     """
     root = Path(params.data.root)
     candidates, rejections = discover(root, params.data)
@@ -79,14 +83,15 @@ def run_ingest(
     kept.sort(key=lambda item: item.candidate.path)
     rejections.sort(key=lambda r: (r.path, r.reason))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / MANIFEST_FILE, MANIFEST_COLUMNS, map(_manifest_row, kept))
-    _write_csv(out_dir / REJECTED_FILE, REJECTED_COLUMNS, (vars(r) for r in rejections))
     summary = summarize(root, params, n_files, kept, rejections)
-    (out_dir / INGEST_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    reports_dir.mkdir(parents=True, exist_ok=True)
     report = ingest_report(summary, pictures, near, rejections, params)
-    (reports_dir / INGEST_REPORT_FILE).write_text(report, encoding="utf-8")
+    # The three files replace the previous ones together (a kill leaves the old set or the new one);
+    # the readable report follows, itself replaced in one step.
+    with stage_folder(out_dir, INTERIM_FILES, "ingest") as tmp:
+        _write_csv(tmp / MANIFEST_FILE, MANIFEST_COLUMNS, map(_manifest_row, kept))
+        _write_csv(tmp / REJECTED_FILE, REJECTED_COLUMNS, (vars(r) for r in rejections))
+        write_json(tmp / INGEST_SUMMARY_FILE, summary)
+    write_text(reports_dir / INGEST_REPORT_FILE, report)
     log.info("ingest: %d kept, %d rejected", summary["n_kept"], summary["n_rejected"])
     return summary
 

@@ -53,3 +53,4 @@ AUGMENT_PREVIEW_FILE = "augment_preview.png"
 
 # Train (in MODELS).
 MODEL_FILE = "model.pt"
+RUN_INFO_FILE = "run.json"  # the MLflow run of model.pt; valid only beside the model naming the same run

@@ -8,7 +8,6 @@ memory-mapped output, so nothing large crosses process boundaries.
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -17,9 +16,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.atomic import write_json
 from pipeline.config import NormalizeParams
 from pipeline.imaging import ImageReadError, fit_square, read_rgb
 from pipeline.layout import IMAGES_FILE, INDEX_FILE, NORMALIZE_SUMMARY_FILE
+from pipeline.outputs import stage_folder
+from pipeline.processed import PROCESSED_FILES, processed_record
 from pipeline.workers import resolve_workers
 
 
@@ -86,25 +88,32 @@ def run_normalize(
     manifest_path: Path, root: Path, out_dir: Path, params: NormalizeParams, progress: bool = True, workers: int = 0
 ) -> dict:
     """Normalize every manifest row in ``workers`` processes (0 = one per CPU core); write images.npy,
-    index.csv and normalize.json to ``out_dir``."""
+    index.csv and normalize.json to ``out_dir``.
+
+    The three files are built in a temporary folder that replaces ``out_dir`` whole once they are
+    complete, so a kill or a failure leaves the previous output intact; normalize.json records the
+    manifest's hash and what the other two hold, which every reader checks
+    (:func:`pipeline.processed.check_processed`).
+    """
     manifest = pd.read_csv(manifest_path, dtype={"path": str, "label": str, "split": str, "group": str})
     if manifest.empty:
         raise ValueError(f"{manifest_path}: the manifest has no images to normalize")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    normalize_images([str(root / p) for p in manifest["path"]], out_dir / IMAGES_FILE, params, progress,
-                     workers=workers)
-    seconds = time.perf_counter() - start
-    manifest.to_csv(out_dir / INDEX_FILE, index=False)
-    workers = resolve_workers(workers)
-    summary = {
-        "images": len(manifest),
-        "size": params.size,
-        "mode": params.mode,
-        "seconds": round(seconds, 3),
-        "workers": workers,
-        "images_per_second": round(len(manifest) / seconds, 1),
-        "images_per_second_per_worker": round(len(manifest) / seconds / workers, 1),
-    }
-    (out_dir / NORMALIZE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with stage_folder(out_dir, PROCESSED_FILES, "normalize") as tmp:
+        start = time.perf_counter()
+        normalize_images([str(root / p) for p in manifest["path"]], tmp / IMAGES_FILE, params, progress,
+                         workers=workers)
+        seconds = time.perf_counter() - start
+        manifest.to_csv(tmp / INDEX_FILE, index=False)
+        workers = resolve_workers(workers)
+        summary = {
+            "images": len(manifest),
+            "size": params.size,
+            "mode": params.mode,
+            "seconds": round(seconds, 3),
+            "workers": workers,
+            "images_per_second": round(len(manifest) / seconds, 1),
+            "images_per_second_per_worker": round(len(manifest) / seconds / workers, 1),
+            **processed_record(tmp, manifest_path),
+        }
+        write_json(tmp / NORMALIZE_SUMMARY_FILE, summary)
     return summary

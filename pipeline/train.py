@@ -37,7 +37,8 @@ from pipeline.calibration import fit_temperature
 from pipeline.config import Params, TrainParams
 from pipeline.data import EpochSampler, ProcessedImages, Split, images_identity, load_index, select_split
 from pipeline.inference import pick_device, predict_logits, save_model
-from pipeline.layout import IMAGES_FILE, MODEL_FILE
+from pipeline.layout import IMAGES_FILE, MANIFEST_FILE, MODEL_FILE, RUN_INFO_FILE
+from pipeline.processed import check_processed
 from pipeline.training import (
     Distributed,
     TrainState,
@@ -74,6 +75,7 @@ def run_train(params: Params, processed_dir: Path, policy_path: Path, model_dir:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
 
+    check_processed(processed_dir, ingest_summary.with_name(MANIFEST_FILE) if ingest_summary else None)
     data = load_data(params, processed_dir, policy_path, ddp, device)
     model = build_model(cfg, len(data.classes), device)
     loss_fn = build_loss(cfg, data.train.labels, len(data.classes), device)
@@ -272,22 +274,25 @@ def write_outputs(params: Params, state: TrainState, data: TrainData, run: Activ
     # Temperature scaling, fitted once on the validation split and saved with the model, so
     # evaluation, prediction and the exported/served model all use the same calibration.
     temperature = fit_temperature(*predict_logits(model, data.val_loader, device))
-    save_model(model_dir / MODEL_FILE, model,
-               model_meta(params, state.best_epoch, state.best_score, temperature, state.run_id))
+    meta = model_meta(params, state.best_epoch, state.best_score, temperature, state.run_id)
+    save_model(model_dir / MODEL_FILE, model, meta)
     with atomic_path(reports_dir / HISTORY_FILE) as tmp:
         pd.DataFrame(state.history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
     mlflow.log_metrics({"best_val_macro_f1": state.best_score, "best_epoch": state.best_epoch,
                         "temperature": temperature})
     mlflow.log_artifact(str(reports_dir / HISTORY_FILE))
+    # model.pt is the one source of the run id; run.json, written last, describes that run and is read
+    # only beside a model naming the same run (pipeline.evaluator.read_run_info), so a kill between the
+    # two files is refused downstream rather than evaluated into the previous run.
     run_record = {
-        "run_id": state.run_id,
+        "run_id": meta.run_id,
         "experiment_id": run.info.experiment_id,
         "tracking_uri": tracking.redact_uri(mlflow.get_tracking_uri()),
     }
     if params.tracking.log_model:
         example = np.load(processed_dir / IMAGES_FILE, mmap_mode="r")[data.val.rows[0]]
         run_record.update(log_served_model(params, model_dir / MODEL_FILE, example))
-    write_json(model_dir / "run.json", run_record)
+    write_json(model_dir / RUN_INFO_FILE, run_record)
 
 
 def log_served_model(params: Params, model_path: Path, example: np.ndarray) -> dict[str, str]:

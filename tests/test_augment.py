@@ -37,8 +37,7 @@ def test_certain_flip_policy_flips():
 def test_run_augment_writes_policy_and_preview(tiny_processed, tmp_path):
     _, processed, _ = tiny_processed
     params = AugmentParams(preview_images=3)
-    run_augment(processed / "images.npy", processed / "index.csv", params, tmp_path / "p.json",
-                tmp_path / "preview.png")
+    run_augment(processed, params, tmp_path / "p.json", tmp_path / "preview.png")
     preview = cv2.imread(str(tmp_path / "preview.png"))
     assert preview is not None and preview.shape[0] == 3 * 132 and preview.shape[1] == 6 * 132
     assert load_policy(tmp_path / "p.json") is not None

@@ -88,8 +88,7 @@ def test_downscale_blurs_fine_detail():
 def test_shift_policy_round_trips_and_is_previewed(tiny_processed, tmp_path):
     _, processed, _ = tiny_processed
     params = AugmentParams(preview_images=2, **{name: 0.5 for name in SHIFTS})
-    run_augment(processed / "images.npy", processed / "index.csv", params, tmp_path / "p.json",
-                tmp_path / "preview.png")
+    run_augment(processed, params, tmp_path / "p.json", tmp_path / "preview.png")
     saved = json.loads((tmp_path / "p.json").read_text())
     names = {t["__class_fullname__"].split(".")[-1] for t in saved["transform"]["transforms"]}
     assert set(SHIFTS.values()) <= names

@@ -90,10 +90,11 @@ def test_bn_adaptation_is_scored_for_a_network_with_batchnorm(tmp_path, isolated
 
 
 def test_one_site_says_there_is_nothing_to_leave_out(tiny_processed, tmp_path):
-    _, processed, policy = tiny_processed
-    index = pd.read_csv(processed / "index.csv")
-    index.insert(1, "site", "only-lab")
-    index.to_csv(processed / "index.csv", index=False)
+    raw, processed, policy = tiny_processed
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    manifest.insert(1, "site", "only-lab")
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    run_normalize(tmp_path / "manifest.csv", raw, processed, tiny_params().normalize, progress=False)
     metrics = run_crosssite(tiny_params(), processed, policy, tmp_path / "out", progress=False)
     assert metrics == {"sites": 0.0}
     assert "there is no site to leave out" in (tmp_path / "out" / "report.md").read_text()

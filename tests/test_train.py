@@ -19,9 +19,10 @@ from conftest import REPO, tiny_params
 
 from pipeline import train as train_module
 from pipeline import training as training_module
-from pipeline.layout import IMAGES_FILE
+from pipeline.layout import IMAGES_FILE, NORMALIZE_SUMMARY_FILE
 from pipeline.models import _monai_efficientnet_key, build_classifier, head_parameters
 from pipeline.normalize import run_normalize
+from pipeline.processed import images_sample_sha256
 from pipeline.train import run_train
 from pipeline.training import TrainState, class_weights, parameter_groups, read_checkpoint, warmup_cosine
 
@@ -234,12 +235,16 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_processed, tmp_path, mon
 
 
 def _overwrite_pixels_keeping_file_times(processed) -> None:
-    """Invert every image of ``images.npy`` in place, then put its modification time back."""
+    """Invert every image of ``images.npy`` in place, then put its modification time back; normalize.json
+    records the new pixels, as after a normalize run (else the processed-data check refuses them)."""
     images_path = processed / IMAGES_FILE
     times = images_path.stat()
     images = np.load(images_path, mmap_mode="r+")
     images[:] = 255 - images
     images.flush()
+    summary = json.loads((processed / NORMALIZE_SUMMARY_FILE).read_text())
+    (processed / NORMALIZE_SUMMARY_FILE).write_text(json.dumps({**summary, "images_sample_sha256":
+                                                                images_sample_sha256(images)}))
     del images
     os.utime(images_path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
