@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import __version__
 from pipeline.config import Params, ParamsError, load_params
@@ -30,6 +31,7 @@ from pipeline.layout import (
     MANIFEST_FILE,
     MODEL_FILE,
     MODELS,
+    NORMALIZE_SUMMARY_FILE,
     POLICY,
     PROCESSED,
     RAW,
@@ -38,6 +40,9 @@ from pipeline.layout import (
     SAMPLE_DIR,
     SPLITS,
 )
+
+if TYPE_CHECKING:  # the stage modules are imported by the command that runs them
+    from pipeline.stain import StainReference
 
 DESCRIPTION = "Train and evaluate white-blood-cell image classifiers: one sub-command per DVC stage, and tools."
 EPILOG = (
@@ -70,14 +75,38 @@ def _cmd_ingest(args: argparse.Namespace, params: Params) -> None:
         print(f"  {split:5s} " + "  ".join(f"{name}={n}" for name, n in counts.items()))
 
 
+def _stain_reference(path: Path) -> StainReference:
+    """The colour reference saved in a trained model file, or recorded by wbc normalize in a processed
+    folder (or its normalize.json)."""
+    from pipeline.preprocess import read_preprocessing
+
+    if path.is_dir() or path.name == NORMALIZE_SUMMARY_FILE:
+        preprocessing = read_preprocessing(path if path.is_dir() else path.parent)
+        reference = None if preprocessing is None else preprocessing.stain_reference
+    else:
+        from pipeline.inference import load_model
+
+        reference = load_model(path)[1].stain_reference
+    if reference is None:
+        raise ValueError(f"--stain-reference {path}: holds no colour reference (made with normalize.stain none)")
+    return reference
+
+
 def _cmd_normalize(args: argparse.Namespace, params: Params) -> None:
     from pipeline.normalize import run_normalize
 
+    reference = _stain_reference(args.stain_reference) if args.stain_reference else None
     summary = run_normalize(args.manifest, Path(params.data.root), args.out, params.normalize,
-                            progress=not args.quiet, workers=params.runtime.normalize_workers)
+                            progress=not args.quiet, workers=params.runtime.normalize_workers,
+                            um_per_px={s.site: s.um_per_px for s in params.data.resolved_sources()},
+                            stain_reference=reference)
     print(f"normalize: {summary['images']} images to {summary['size']}px ({summary['mode']}) in "
           f"{summary['seconds']:.1f}s = {summary['images_per_second']:.0f} img/s on {summary['workers']} "
           f"worker(s), {summary['images_per_second_per_worker']:.0f} img/s per worker")
+    if params.normalize.framing != "none":
+        per_site = "  ".join(f"{site}={n}" for site, n in summary["rejected"].items()) or "none"
+        print(f"  framing {params.normalize.framing} found no cell in {sum(summary['rejected'].values())} image(s), "
+              f"per site: {per_site} (listed in {args.out / REJECTED_FILE})")
 
 
 def _cmd_augment(args: argparse.Namespace, params: Params) -> None:
@@ -257,7 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("normalize", _cmd_normalize, "resize every kept image to a square RGB array for training")
     _path(p, "--manifest", INTERIM / MANIFEST_FILE, "manifest written by wbc ingest")
-    _path(p, "--out", PROCESSED, f"folder of {IMAGES_FILE} and {INDEX_FILE}")
+    _path(p, "--out", PROCESSED,
+          f"folder of {IMAGES_FILE}, {INDEX_FILE}, {REJECTED_FILE} and {NORMALIZE_SUMMARY_FILE}")
+    p.add_argument("--stain-reference", type=Path, default=None, metavar="MODEL_OR_FOLDER",
+                   help="standardise colour to the reference of a trained model (models/model.pt) or of another "
+                   "processed folder instead of fitting one (another dataset is then normalized exactly like "
+                   "the model's training data); normalize.stain must name its method (default: fit one)")
 
     p = command("augment", _cmd_augment, "build, save and preview the augmentation policy")
     _path(p, "--processed", PROCESSED, "normalized images (output of wbc normalize)")

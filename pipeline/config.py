@@ -398,11 +398,28 @@ class IngestParams(_Section):
 
 
 class NormalizeParams(_Section):
-    """Resizing every kept image to one square RGB size."""
+    """Bringing every kept image to one square RGB size, and optionally to one framing and one colour
+    standard (pipeline/preprocess.py applies them, identically in normalize and predict)."""
 
     size: int = Field(380, ge=16, le=2048)
     mode: Literal["pad", "crop"] = "pad"
     pad_color: tuple[int, int, int] = Field((255, 255, 255), strict=False)
+    # The choices mirror pipeline.stain.STAIN_METHODS and pipeline.framing.FRAMING_SCALES (a test keeps them
+    # equal): importing those modules here would load OpenCV for every command that reads params.
+    stain: Literal["none", "reinhard", "macenko"] = Field(
+        "none", description="colour standardisation to a reference fitted on training images")
+    stain_reference_images: int = Field(
+        64, ge=1, le=10000, description="training-split images of the training sites the reference is fitted on")
+    seed: int = Field(0, description="seed drawing the images a stain reference or a pixel size is measured on")
+    framing: Literal["none", "red-cell", "pixel-size", "nucleus"] = Field(
+        "none", description="centre a square on the white cell at one scale before squaring")
+    field_um: float = Field(30.0, gt=0.0, le=1000.0, description="side of the framed square in micrometres "
+                            "(framing red-cell and pixel-size)")
+    nucleus_fraction: float = Field(0.4, gt=0.0, le=1.0, description="share of the framed square's side the "
+                                    "nucleus spans (framing nucleus)")
+    pixel_size_images: int = Field(
+        200, ge=1, le=100000, description="images per site its pixel size is measured on (framing pixel-size, "
+        "sites without um_per_px)")
 
     @field_validator("pad_color")
     @classmethod

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.config import IngestParams
+from pipeline.framing import FRAMING_REASONS
 from pipeline.imaging import to_uint8_rgb
 from pipeline.workers import resolve_workers
 
@@ -62,6 +63,9 @@ REASON_MEANINGS = {
     "predicting); judged from the size alone, never read",
     "too-many-pixels": "width x height in the image header exceeds predict.max_pixels",
     "too-many-rows": "the request has more rows than predict.max_rows",
+    # normalize.framing found no white cell to centre on (data/processed/rejected.csv, prediction rows):
+    # the framing step's own codes and meanings
+    **FRAMING_REASONS,
 }
 # EXIF orientations with a quarter turn (5-8): the picture shows with width and height swapped.
 _ORIENTATION_TAG = 0x0112

@@ -2,8 +2,9 @@
 stage into ``model.pt`` and read by evaluation, prediction, export and serving.
 
 It holds everything needed to rebuild the network and to feed it exactly as training did
-(classes, input size, the normalize params, the backbone's mean/std), its calibration and the
-MLflow run that made it. No torch here: the record is plain data, checked when read.
+(classes, input size, the normalize params with the colour reference and pixel sizes the normalize
+stage used, the backbone's mean/std), its calibration and the MLflow run that made it. No torch
+here: the record is plain data, checked when read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pipeline.config import NormalizeParams
+from pipeline.stain import StainReference
 
 
 class ModelMetaError(ValueError):
@@ -33,6 +35,10 @@ class ModelMeta:
     best_val_macro_f1: float | None = None
     temperature: float | None = None
     run_id: str | None = None
+    # The colour reference fitted by the normalize stage (None: normalize.stain is none) and the pixel
+    # size (µm/px) of each training site used by framing: pixel-size.
+    stain_reference: StainReference | None = None
+    pixel_sizes: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -56,6 +62,7 @@ class ModelMeta:
         record["classes"] = list(self.classes)
         record["mean"], record["std"] = list(self.mean), list(self.std)
         record["normalize"] = self.normalize.model_dump(mode="json")
+        record["stain_reference"] = None if self.stain_reference is None else self.stain_reference.to_dict()
         return record
 
     @classmethod
@@ -81,6 +88,9 @@ class ModelMeta:
                 {key: value for key, value in record["normalize"].items() if key != "workers"})
             if record.get("temperature") is not None:
                 values["temperature"] = float(record["temperature"])
+            if record.get("stain_reference") is not None:
+                values["stain_reference"] = StainReference.from_dict(record["stain_reference"])
+            values["pixel_sizes"] = {str(site): float(um) for site, um in (record.get("pixel_sizes") or {}).items()}
             values["extra"] = {**record.get("extra", {}),
                                **{key: value for key, value in record.items() if key not in known}}
             meta = cls(**values)
@@ -90,4 +100,10 @@ class ModelMeta:
             raise ModelMetaError(f"{source}: model classes must be at least two distinct names, got {meta.classes}")
         if len(meta.mean) != 3 or len(meta.std) != 3:
             raise ModelMetaError(f"{source}: mean and std must have 3 channels")
+        stain = meta.stain_reference.method if meta.stain_reference is not None else "none"
+        if stain != meta.normalize.stain:
+            raise ModelMetaError(f"{source}: normalize.stain is {meta.normalize.stain!r} but the saved stain "
+                                 f"reference is {stain!r}; retrain the model with `wbc train`")
+        if any(not um > 0 for um in meta.pixel_sizes.values()):
+            raise ModelMetaError(f"{source}: pixel sizes must be positive, got {meta.pixel_sizes}")
         return meta

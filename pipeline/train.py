@@ -38,6 +38,7 @@ from pipeline.config import Params, TrainParams
 from pipeline.data import EpochSampler, ProcessedImages, Split, images_identity, load_index, select_split
 from pipeline.inference import pick_device, predict_logits, save_model
 from pipeline.layout import IMAGES_FILE, MANIFEST_FILE, MODEL_FILE, RUN_INFO_FILE
+from pipeline.preprocess import read_preprocessing
 from pipeline.processed import check_processed
 from pipeline.training import (
     Distributed,
@@ -274,7 +275,10 @@ def write_outputs(params: Params, state: TrainState, data: TrainData, run: Activ
     # Temperature scaling, fitted once on the validation split and saved with the model, so
     # evaluation, prediction and the exported/served model all use the same calibration.
     temperature = fit_temperature(*predict_logits(model, data.val_loader, device))
-    meta = model_meta(params, state.best_epoch, state.best_score, temperature, state.run_id)
+    # The colour reference and pixel sizes the images were normalized with travel with the model, so
+    # predict and the served model prepare an input exactly as the training images were.
+    meta = model_meta(params, state.best_epoch, state.best_score, temperature, state.run_id,
+                      read_preprocessing(processed_dir))
     save_model(model_dir / MODEL_FILE, model, meta)
     with atomic_path(reports_dir / HISTORY_FILE) as tmp:
         pd.DataFrame(state.history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)

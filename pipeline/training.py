@@ -32,6 +32,7 @@ from pipeline.data import EpochSampler, ProcessedImages, Split
 from pipeline.inference import autocast, predict_logits
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier, build_classifier, get_backbone, head_parameters
+from pipeline.preprocess import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -403,11 +404,15 @@ def fit(cfg: TrainParams, num_classes: int, processed_dir: Path, train: Split, v
 
 
 def model_meta(params: Params, best_epoch: int, best_score: float, temperature: float | None,
-               run_id: str | None = None) -> ModelMeta:
-    """The metadata saved with trained weights: how to rebuild and feed the network, its score, its
-    calibration and the run that made it."""
+               run_id: str | None = None, preprocessing: Preprocessing | None = None) -> ModelMeta:
+    """The metadata saved with trained weights: how to rebuild and feed the network (``preprocessing``,
+    what the normalize stage recorded of the images trained on, else ``params.normalize``), its score,
+    its calibration and the run that made it."""
     cfg = params.train
     backbone = get_backbone(cfg.model)
+    preprocessing = preprocessing or Preprocessing(params.normalize)
     return ModelMeta(model=cfg.model, classes=tuple(params.data.classes), image_size=cfg.image_size,
-                     mean=backbone.mean, std=backbone.std, normalize=params.normalize, pretrained=cfg.pretrained,
-                     best_epoch=best_epoch, best_val_macro_f1=best_score, temperature=temperature, run_id=run_id)
+                     mean=backbone.mean, std=backbone.std, normalize=preprocessing.normalize,
+                     pretrained=cfg.pretrained, best_epoch=best_epoch, best_val_macro_f1=best_score,
+                     temperature=temperature, run_id=run_id, stain_reference=preprocessing.stain_reference,
+                     pixel_sizes=dict(preprocessing.pixel_sizes))

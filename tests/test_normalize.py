@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import NormalizeParams
 from pipeline.imaging import ImageReadError, fit_square
 from pipeline.normalize import normalize_images, run_normalize
+from pipeline.preprocess import Preprocessing
 
 
 def _write(path, array):
@@ -63,7 +64,7 @@ def test_normalize_writes_rows_in_manifest_order(tmp_path, workers):
 def test_a_file_that_changed_since_ingest_is_named(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image any more")
     with pytest.raises(ImageReadError, match="bad.png"):
-        normalize_images([str(tmp_path / "bad.png")], tmp_path / "x.npy", NormalizeParams(size=16),
+        normalize_images([str(tmp_path / "bad.png")], tmp_path / "x.npy", Preprocessing(NormalizeParams(size=16)),
                          progress=False)
 
 
