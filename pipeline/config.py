@@ -464,25 +464,13 @@ class AugmentParams(_Section):
     seed: int = 0
 
 
-ModelName = Literal[
-    "baseline-cnn",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "efficientnet-b0",
-    "efficientnet-b1",
-    "efficientnet-b2",
-    "efficientnet-b3",
-    "efficientnet-b4",
-    "efficientnet-lite0",
-]
-
-
 class TrainParams(_Section):
     """Model and schedule of the training stage: what shapes the trained weights. Where it runs is
     ``runtime``, where it is logged ``tracking``."""
 
-    model: ModelName = "efficientnet-lite0"
+    # The backbone registry (pipeline.models.BACKBONES) is the one list of model names. It needs torch, which
+    # the other stages never import, so the name is checked where the network is built, with the choices.
+    model: str = Field("efficientnet-lite0", min_length=1, description="a backbone of pipeline.models.BACKBONES")
     pretrained: Literal["imagenet", "none"] = "imagenet"
     weights_path: str | None = None
     image_size: int = Field(96, ge=32, le=1024)

@@ -2,9 +2,10 @@
 
 * The **worst-errors gallery** shows the misclassified images the model was most sure about:
   sorted by the probability it gave the wrong (predicted) class, highest first.
-* **Grad-CAM** (MONAI's :class:`monai.visualize.GradCAM`) weights the last spatial feature
-  map of the backbone (:func:`pipeline.models.cam_target_layer`) by the gradient of the
-  predicted class score and overlays the result on the image the network saw.
+* **Grad-CAM** (MONAI's :class:`monai.visualize.GradCAM`) weights a feature map of the
+  backbone (:func:`pipeline.models.cam_target_layer`, stride 16 or finer) by the gradient of
+  the predicted class score and overlays the result on the image the network saw.
+  :func:`occlusion_drops` checks that a map shows what the model uses.
 
 Both read images from the normalize stage's ``images.npy`` by row and draw with matplotlib's
 object API on the Agg canvas, like :mod:`pipeline.metrics`.
@@ -126,9 +127,10 @@ def _normalize_map(maps: torch.Tensor) -> torch.Tensor:
 
 
 def gradcam_maps(model: torch.nn.Module, model_name: str, images: np.ndarray, class_idx: Sequence[int],
-                 device: torch.device | str = "cpu") -> np.ndarray:
+                 device: torch.device | str = "cpu", layer: str | None = None) -> np.ndarray:
     """Grad-CAM heat maps (N x H x W, 0..1) of ``images`` (N x H x W x 3 uint8, the network's input
-    size) for the classes ``class_idx``, at the backbone's :func:`~pipeline.models.cam_target_layer`.
+    size) for the classes ``class_idx``, at the backbone's :func:`~pipeline.models.cam_target_layer`
+    (or at ``layer``, a module name of ``model``, to compare target layers).
 
     Works on a copy of ``model``: MONAI's hooks stay on the copy and the model is left as it was.
     """
@@ -139,7 +141,7 @@ def gradcam_maps(model: torch.nn.Module, model_name: str, images: np.ndarray, cl
         raise ValueError(f"{len(images)} images but {len(class_idx)} class indices")
     if len(images) == 0:
         return np.zeros((0, *images.shape[1:3]), dtype=np.float32)
-    layer = cam_target_layer(model_name)
+    layer = layer or cam_target_layer(model_name)
     net = copy.deepcopy(model).to(device).eval()
     if layer not in dict(net.named_modules()):
         raise ValueError(f"{model_name}: Grad-CAM layer {layer!r} is not a module of the model")
@@ -155,6 +157,52 @@ def gradcam_maps(model: torch.nn.Module, model_name: str, images: np.ndarray, cl
             x = x.contiguous(memory_format=torch.channels_last)
             maps.append(cam(x, class_idx=int(cls)).detach().float().cpu()[0, 0].numpy())
     return np.stack(maps).astype(np.float32)
+
+
+def _class_logits(model: torch.nn.Module, images: np.ndarray, class_idx: np.ndarray,
+                  device: torch.device | str, batch_size: int = 64) -> np.ndarray:
+    """The logit of ``class_idx[i]`` for each of ``images`` (N x H x W x 3 uint8)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2))
+            x = torch.from_numpy(chunk).to(device).contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out)[np.arange(len(images)), class_idx]
+
+
+def occlusion_drops(model: torch.nn.Module, images: np.ndarray, maps: np.ndarray, class_idx: Sequence[int],
+                    fraction: float = 0.25, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """How far the logit of ``class_idx`` falls when the hottest, and when the coldest, ``fraction`` of the
+    pixels of each Grad-CAM map (N x H x W) is occluded, i.e. set to the image's mean colour: two arrays of
+    N drops (positive = the logit fell).
+
+    A map that shows what the model uses has a larger drop for its hottest region than for its coldest.
+    Ties (flat parts of a map) are broken in pixel order, so the result is deterministic. ``model`` is
+    put in eval mode on ``device``.
+    """
+    images, maps = np.asarray(images), np.asarray(maps)
+    if images.ndim != 4 or maps.shape != images.shape[:3]:
+        raise ValueError(f"maps {maps.shape} must be N x H x W of images {images.shape}")
+    if not 0.0 < fraction < 0.5:
+        raise ValueError(f"fraction must lie between 0 and 0.5, got {fraction}")
+    classes = np.asarray(class_idx, dtype=np.int64)
+    n, height, width, _ = images.shape
+    count = max(1, round(fraction * height * width))
+    order = np.argsort(maps.reshape(n, -1), axis=1, kind="stable")
+    pixels = images.reshape(n, -1, 3)
+    fill = np.round(pixels.mean(axis=1)).astype(np.uint8)
+
+    def occluded(where: np.ndarray) -> np.ndarray:
+        out = pixels.copy()
+        out[np.arange(n)[:, None], where] = fill[:, None, :]
+        return out.reshape(images.shape)
+
+    model = model.to(device).eval()
+    base = _class_logits(model, images, classes, device)
+    hot = base - _class_logits(model, occluded(order[:, -count:]), classes, device)
+    cold = base - _class_logits(model, occluded(order[:, :count]), classes, device)
+    return hot, cold
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = _OVERLAY_ALPHA) -> np.ndarray:

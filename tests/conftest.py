@@ -1,14 +1,16 @@
-"""Shared fixtures: tiny generated datasets and an isolated MLflow store per test."""
+"""Shared fixtures: tiny generated datasets, one tiny model trained per session, and an isolated MLflow
+store per test."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from pipeline.augment import build_policy, save_policy
-from pipeline.config import PBC_CLASSES, parse_params
+from pipeline.config import PBC_CLASSES, Params, parse_params
 from pipeline.normalize import run_normalize
 from pipeline.sample import generate_sample
 
@@ -52,6 +54,17 @@ def tiny_params(**sections):
     return parse_params(raw)
 
 
+def one_backbone_per_family() -> list[str]:
+    """The first registered backbone of each family: networks of one family are built by the same code and
+    differ only in size and weights, so one of each covers them."""
+    from pipeline.models import BACKBONES
+
+    first: dict[str, str] = {}
+    for name, backbone in BACKBONES.items():
+        first.setdefault(backbone.family, name)
+    return list(first.values())
+
+
 def split_manifest(root: Path, per_class: dict[str, int]) -> pd.DataFrame:
     """A hand-made manifest of a folder-per-class tree: per class, the last image is test,
     the one before it val, the rest train (independent of the ingest stage)."""
@@ -64,21 +77,52 @@ def split_manifest(root: Path, per_class: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def make_tiny_processed(root: Path) -> tuple[Path, Path, Path]:
+    """(raw root, processed dir, policy path) of a 6-per-class synthetic sample at 40 px, made under ``root``."""
+    params = tiny_params()
+    raw = root / "raw"
+    counts = generate_sample(raw, params.sample, PBC_CLASSES)
+    manifest = split_manifest(raw, counts)
+    manifest_path = root / "manifest.csv"
+    manifest.to_csv(manifest_path, index=False)
+    processed = root / "processed"
+    run_normalize(manifest_path, raw, processed, params.normalize, progress=False,
+                  workers=params.runtime.normalize_workers)
+    policy = root / "policy.json"
+    save_policy(build_policy(params.augment), policy)
+    return raw, processed, policy
+
+
 @pytest.fixture()
 def tiny_processed(tmp_path) -> tuple[Path, Path, Path]:
     """(raw root, processed dir, policy path) for a 6-per-class synthetic sample at 40 px."""
+    return make_tiny_processed(tmp_path)
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """The session's tiny trained model: its params, data and the train stage's model folder."""
+
+    params: Params
+    raw: Path
+    processed: Path
+    policy: Path
+    models: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory, mlflow_store) -> TinyRun:
+    """:func:`tiny_params`' baseline-cnn trained once per session by the train stage, logged in the session's
+    MLflow store. Tests only read it: they evaluate it into folders of their own."""
+    from pipeline.train import run_train
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    raw, processed, policy = make_tiny_processed(root)
     params = tiny_params()
-    raw = tmp_path / "raw"
-    counts = generate_sample(raw, params.sample, PBC_CLASSES)
-    manifest = split_manifest(raw, counts)
-    manifest_path = tmp_path / "manifest.csv"
-    manifest.to_csv(manifest_path, index=False)
-    processed = tmp_path / "processed"
-    run_normalize(manifest_path, raw, processed, params.normalize, progress=False,
-                  workers=params.runtime.normalize_workers)
-    policy = tmp_path / "policy.json"
-    save_policy(build_policy(params.augment), policy)
-    return raw, processed, policy
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)  # session fixtures run before the per-test isolation
+        run_train(params, processed, policy, root / "models", root / "reports", progress=False)
+    return TinyRun(params, raw, processed, policy, root / "models")
 
 
 def save_tiny_model(path: Path, temperature: float, seed: int = 0, head_std: float | None = None) -> Path:

@@ -15,11 +15,17 @@ from pipeline.inspection import inspect_bytes
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_repo_params_file_is_valid_and_matches_defaults():
-    params = load_params(REPO / "params.yaml")
-    assert params.data.classes == list(PBC_CLASSES)
-    assert params.normalize.size == 380
-    assert params == parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+def test_repo_params_file_states_every_param_at_its_default():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = Params().model_dump(mode="json")
+    assert sorted(raw) == sorted(defaults)
+    missing = [f"{section}.{key}" for section, values in defaults.items() for key in values if key not in raw[section]]
+    assert not missing, f"params.yaml does not state {', '.join(missing)}"
+    stated = load_params(REPO / "params.yaml").model_dump(mode="json")
+    differ = [f"{section}.{key}: {stated[section][key]!r} != {value!r}" for section, values in defaults.items()
+              for key, value in values.items() if stated[section][key] != value]
+    assert not differ, "params.yaml differs from the defaults in config.py: " + "; ".join(differ)
+    assert stated["data"]["classes"] == list(PBC_CLASSES) and stated["normalize"]["size"] == 380
 
 
 def test_missing_sections_take_defaults():
@@ -41,10 +47,23 @@ def test_unknown_section_is_named():
 
 def test_wrong_value_names_key_allowed_values_and_input():
     with pytest.raises(ParamsError) as err:
-        parse_params({"train": {"model": "resnet19"}, "normalize": {"mode": "stretch"}})
+        parse_params({"train": {"epochs": 0}, "normalize": {"mode": "stretch"}})
     message = str(err.value)
-    assert "train.model" in message and "resnet19" in message and "efficientnet-b0" in message
+    assert "train.epochs" in message and "greater than or equal to 1" in message
     assert "normalize.mode" in message and "'pad' or 'crop'" in message
+
+
+def test_model_names_are_the_backbone_registry_checked_where_a_network_is_built():
+    from pipeline.models import BACKBONES, build_classifier
+
+    # params stay torch-free: any name parses, and the registry refuses an unknown one, listing its names
+    assert parse_params({"train": {"model": "resnet19"}}).train.model == "resnet19"
+    with pytest.raises(ValueError) as err:
+        build_classifier("resnet19", 3, 32)
+    message = str(err.value)
+    assert "train.model" in message and "resnet19" in message and all(name in message for name in BACKBONES)
+    with pytest.raises(ParamsError, match="train.model"):
+        parse_params({"train": {"model": ""}})
 
 
 def test_wrong_type_is_reported():
