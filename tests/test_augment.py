@@ -1,5 +1,6 @@
 """Augment: the policy follows params, round-trips through its JSON file, and is previewed."""
 
+import albumentations as A
 import cv2
 import numpy as np
 
@@ -36,8 +37,10 @@ def test_certain_flip_policy_flips():
 
 def test_run_augment_writes_policy_and_preview(tiny_processed, tmp_path):
     _, processed, _ = tiny_processed
-    params = AugmentParams(preview_images=3)
+    params = AugmentParams(preview_images=3, hflip=0.25, noise=0.0)
     run_augment(processed, params, tmp_path / "p.json", tmp_path / "preview.png")
     preview = cv2.imread(str(tmp_path / "preview.png"))
     assert preview is not None and preview.shape[0] == 3 * 132 and preview.shape[1] == 6 * 132
-    assert load_policy(tmp_path / "p.json") is not None
+    # the saved file is the policy of these params, not of the defaults
+    assert A.to_dict(load_policy(tmp_path / "p.json")) == A.to_dict(build_policy(params))
+    assert A.to_dict(load_policy(tmp_path / "p.json")) != A.to_dict(build_policy(AugmentParams()))

@@ -19,7 +19,6 @@ from pipeline.external import locate_dataset, parse_map, resolve_mapping, run_ex
 from pipeline.ingest import run_ingest
 from pipeline.normalize import run_normalize
 from pipeline.sample import generate_sample
-from pipeline.train import run_train
 
 EXTERNAL_PARAMS = {
     # the other dataset's own names: a code, a plural, and a class the model never saw
@@ -34,11 +33,9 @@ RENAME = {"neutrophil": "NEU", "lymphocyte": "Lymphocytes", "platelet": "smudge"
 
 
 @pytest.fixture()
-def trained(tiny_processed, tmp_path):
-    _, processed, policy = tiny_processed
+def trained(tiny_trained):
     params = tiny_params(evaluate={"n_bootstrap": 30, "worst_errors": 4, "gradcam_per_class": 1})
-    run_train(params, processed, policy, tmp_path / "models", tmp_path / "reports", progress=False)
-    return params, tmp_path / "models"
+    return params, tiny_trained.models
 
 
 @pytest.fixture()
@@ -57,6 +54,7 @@ def external(tmp_path) -> tuple:
     return dataset, index
 
 
+@pytest.mark.slow  # the session's tiny model is trained for it
 def test_external_report_metrics_and_unknown_class(trained, external, tmp_path):
     params, models = trained
     dataset, index = external
@@ -110,6 +108,7 @@ def test_external_report_metrics_and_unknown_class(trained, external, tmp_path):
     assert {"external/otherlab/report.html", "external/otherlab/unknown.csv", "external/otherlab/figures"} <= artifacts
 
 
+@pytest.mark.slow  # the session's tiny model is trained for it
 def test_external_split_and_cli(trained, external, tmp_path, capsys):
     params, models = trained
     dataset, index = external

@@ -25,6 +25,8 @@ from pipeline.normalize import run_normalize
 from pipeline.sample import generate_sample
 from pipeline.train import run_train
 
+pytestmark = pytest.mark.slow  # its report comes from a model the module trains
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 WINDOW = (1280, 4000)
 FIGURES = {"confusion", "confusion_normalized", "confused_pairs", "roc", "pr", "reliability", "training_curves",
