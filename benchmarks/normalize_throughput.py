@@ -9,19 +9,23 @@ standardisation and framing cost when they are on.
   write into ``images.npy``) with 1 worker and with every core.
 
 On a shared machine the speed of a core drifts from minute to minute, so each round measures the
-ceiling right before the pipeline and the ratio is taken within the round; the table reports the
-median over rounds. ``--extras N`` times N images with each stain method and framing mode on, as
-milliseconds per image on one worker beside the plain path's. Output files go to a temporary folder
-that is removed afterwards.
+ceiling right before and after the pipeline and the ratio is taken within the round; the table
+reports the median over rounds. Each rate is given twice: per second of wall-clock time, and per
+second of CPU time of the processes doing the work (``*_cpu``), which is what a core delivers when
+other programs share the machine. ``--extras N`` times N images with each stain method and framing
+mode on, as milliseconds of CPU per image on one worker beside the plain path's. Output files go to
+a temporary folder that is removed afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -47,31 +51,40 @@ def list_images(root: Path, limit: int) -> list[str]:
     return files[::step][:limit] if limit else files
 
 
-def decode_only(paths: list[str]) -> float:
-    """Images/s of an OpenCV decode of every file, on one core."""
-    start = time.perf_counter()
-    for path in paths:
+def cpu_seconds() -> float:
+    """CPU time used so far by this process and its finished worker processes."""
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+
+def rates(count: int, work: Callable[[], object]) -> tuple[float, float]:
+    """(images per wall-clock second, images per CPU second) of ``work`` over ``count`` images."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    work()
+    return count / (time.perf_counter() - wall), count / (cpu_seconds() - cpu)
+
+
+def _decode(paths: list[str]) -> None:
+    for path in paths:  # each image dropped at once, as a pipeline would
         cv2.imread(path, cv2.IMREAD_COLOR)
-    return len(paths) / (time.perf_counter() - start)
 
 
-def naive(paths: list[str], size: int, out_dir: Path) -> float:
-    """Images/s of PIL open, resize and PNG save, one file at a time."""
-    start = time.perf_counter()
+def decode_only(paths: list[str]) -> tuple[float, float]:
+    """Images/s (wall, CPU) of an OpenCV decode of every file, on one core."""
+    return rates(len(paths), lambda: _decode(paths))
+
+
+def naive(paths: list[str], size: int, out_dir: Path) -> None:
+    """PIL open, resize and PNG save, one file at a time."""
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                image.convert("RGB").resize((size, size)).save(out_dir / f"{i}.png")
-        except OSError:
-            pass
-    return len(paths) / (time.perf_counter() - start)
+        with Image.open(path) as image:
+            image.convert("RGB").resize((size, size)).save(out_dir / f"{i}.png")
 
 
-def pipeline_rate(paths: list[str], preprocessing: Preprocessing, workers: int, out_dir: Path) -> float:
-    """Images/s of the normalize stage's image pass with ``workers`` processes."""
-    start = time.perf_counter()
-    normalize_images(paths, out_dir / f"images_{workers}.npy", preprocessing, progress=False, workers=workers)
-    return len(paths) / (time.perf_counter() - start)
+def pipeline_rate(paths: list[str], preprocessing: Preprocessing, workers: int, out_dir: Path) -> tuple[float, float]:
+    """Images/s (wall, CPU) of the normalize stage's image pass with ``workers`` processes."""
+    return rates(len(paths), lambda: normalize_images(paths, out_dir / f"images_{workers}.npy", preprocessing,
+                                                      progress=False, workers=workers))
 
 
 def extra_preprocessing(key: str, value: str, size: int, paths: list[str]) -> Preprocessing:
@@ -86,11 +99,12 @@ def extra_preprocessing(key: str, value: str, size: int, paths: list[str]) -> Pr
 
 
 def extras_ms(paths: list[str], size: int, out_dir: Path) -> dict[str, float]:
-    """Milliseconds per image on one worker, plain and with each of :data:`EXTRAS` on."""
-    result = {"plain": round(1000 / pipeline_rate(paths, Preprocessing(NormalizeParams(size=size)), 1, out_dir), 2)}
+    """Milliseconds of CPU per image on one worker, plain and with each of :data:`EXTRAS` on."""
+    plain = Preprocessing(NormalizeParams(size=size))
+    result = {"plain": round(1000 / pipeline_rate(paths, plain, 1, out_dir)[1], 2)}
     for key, value in EXTRAS:
         preprocessing = extra_preprocessing(key, value, size, paths)
-        result[f"{key}={value}"] = round(1000 / pipeline_rate(paths, preprocessing, 1, out_dir), 2)
+        result[f"{key}={value}"] = round(1000 / pipeline_rate(paths, preprocessing, 1, out_dir)[1], 2)
     return result
 
 
@@ -105,26 +119,28 @@ def main() -> None:
     paths = [p for p in list_images(args.root, args.limit) if cv2.imread(p) is not None]
     cores = resolve_workers(0)
     plain = Preprocessing(NormalizeParams(size=args.size))
-    rounds: dict[str, list[float]] = {"decode_only_per_core": [], "pipeline_1_worker": [], "ratio_1_worker": [],
-                                      f"pipeline_{cores}_workers_per_core": [], f"ratio_{cores}_workers": []}
+    rounds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         decode_only(paths[:50])  # warm the page cache
         read_rgb(paths[0])
         for _ in range(args.rounds):
-            ceiling = decode_only(paths)
-            one = pipeline_rate(paths, plain, 1, out)
-            ceiling_again = decode_only(paths)
-            every = pipeline_rate(paths, plain, cores, out) / cores
-            rounds["decode_only_per_core"].append((ceiling + ceiling_again) / 2)
-            rounds["pipeline_1_worker"].append(one)
-            rounds["ratio_1_worker"].append(one / ceiling)
-            rounds[f"pipeline_{cores}_workers_per_core"].append(every)
-            rounds[f"ratio_{cores}_workers"].append(every / ceiling_again)
+            for workers in sorted({1, cores}):
+                before = decode_only(paths)
+                rate = pipeline_rate(paths, plain, workers, out)
+                after = decode_only(paths)
+                for i, clock in enumerate(("", "_cpu")):
+                    ceiling = (before[i] + after[i]) / 2
+                    # a CPU second is one core's: the CPU rate of several workers is already per core
+                    per_core = rate[i] / workers if clock == "" else rate[i]
+                    rounds.setdefault(f"decode_only_per_core{clock}", []).append(ceiling)
+                    rounds.setdefault(f"pipeline_{workers}_workers_per_core{clock}", []).append(per_core)
+                    rounds.setdefault(f"ratio_{workers}_workers{clock}", []).append(per_core / ceiling)
         results: dict[str, object] = {"images": len(paths), "size": args.size, "cores": cores, "rounds": args.rounds}
         results |= {key: round(statistics.median(values), 3 if key.startswith("ratio") else 1)
                     for key, values in rounds.items()}
-        results["naive_pil_png_per_core"] = round(naive(paths[:NAIVE_IMAGES], args.size, out), 1)
+        subset = paths[:NAIVE_IMAGES]
+        results["naive_pil_png_per_core_cpu"] = round(rates(len(subset), lambda: naive(subset, args.size, out))[1], 1)
         if args.extras:
             results["ms_per_image_1_worker"] = extras_ms(paths[: args.extras], args.size, out)
     print(json.dumps(results, indent=2))

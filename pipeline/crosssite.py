@@ -40,6 +40,7 @@ from pipeline.evaluator import (
 from pipeline.figures import new_figure, save_figure
 from pipeline.inference import pick_device
 from pipeline.metrics import CI_LEVEL
+from pipeline.preprocess import read_preprocessing
 from pipeline.processed import check_processed
 from pipeline.training import fit, model_meta
 
@@ -113,7 +114,7 @@ def fold_model(fold: Fold, params: Params, processed_dir: Path, index: pd.DataFr
     fitted = fit(cfg, len(classes), processed_dir, train, val, policy, device,
                  progress=f"without {fold.left_out}" if progress else "", runtime=params.runtime)
     meta = model_meta(params.model_copy(update={"train": cfg}), fitted.best_epoch, fitted.best_val_macro_f1,
-                      fitted.temperature)
+                      fitted.temperature, preprocessing=read_preprocessing(processed_dir))
     return LoadedModel(fitted.model, meta, device, {})
 
 
