@@ -4,8 +4,9 @@ The exported graph is :class:`ExportedClassifier`: the Classifier with its built
 scaling, plus the temperature fitted on the validation split. It takes raw pixels, NCHW at the
 model's ``image_size`` (uint8 for ONNX; uint8 or float 0..255 for TorchScript), any batch size,
 and returns ``logits`` and calibrated ``probabilities`` (softmax of logits / temperature).
-What the graph does not do (decoding a file, squaring it with the normalize params, resizing)
-is written to ``model.json`` beside it; ``wbc predict`` does exactly those steps.
+What the graph does not do (decoding a file, framing the cell, squaring it with the normalize
+params, standardising its colour to the saved reference, resizing) is written to ``model.json``
+beside it, reference values and pixel sizes included; ``wbc predict`` does exactly those steps.
 
 Each export is run on a batch of inputs and compared with PyTorch in fp32; the largest absolute
 differences of logits and probabilities go into ``model.json``. Probabilities must agree within
@@ -29,7 +30,7 @@ from pipeline.config import IngestParams
 from pipeline.inference import load_model
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
-from pipeline.predict import ImageInput, RejectedInput, input_checks, prepare_input
+from pipeline.predict import ImageInput, RejectedInput, input_checks, model_preprocessing, prepare_input
 
 FORMATS = ("onnx", "torchscript")
 ONNX_FILE = "model.onnx"
@@ -64,14 +65,38 @@ def parity_batch(meta: ModelMeta, n: int = 8, seed: int = 0, images: list[Path] 
     if not images:
         return np.random.default_rng(seed).integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)
     checks = input_checks(IngestParams())
+    preprocessing = model_preprocessing(meta)
     batch = []
     for path in images:
         try:
             item = ImageInput(str(path), str(path))
-            batch.append(prepare_input(item, checks, meta.normalize.model_dump(mode="json"), size))
+            batch.append(prepare_input(item, checks, preprocessing, size))
         except RejectedInput as exc:
             raise ValueError(f"{path}: cannot be used for the parity check: {exc}") from None
     return np.stack(batch)
+
+
+def preprocessing_steps(meta: ModelMeta) -> list[str]:
+    """What is done to an image file before the exported graph sees it, step by step, with the values
+    of this model (``wbc predict`` runs exactly these, :func:`pipeline.preprocess.square_image`)."""
+    params = meta.normalize
+    steps = ["decode the image file to RGB (EXIF orientation applied; a JPEG at 1/2, 1/4 or 1/8 of its size when "
+             "that is still at least normalize.size on the side normalize.mode fits, and framing is none)"]
+    if params.framing != "none":
+        ruler = {"red-cell": "the square spans normalize.field_um micrometres, the pixel size measured from the "
+                             "image's red cells (7.5 µm across)",
+                 "pixel-size": f"the square spans normalize.field_um micrometres at the pixel size in pixel_sizes "
+                               f"({', '.join(f'{um:g}' for um in sorted(set(meta.pixel_sizes.values())))} µm/px)",
+                 "nucleus": "the nucleus spans normalize.nucleus_fraction of the square's side"}[params.framing]
+        steps.append(f"frame the white cell (normalize.framing {params.framing}): centre a square on its nucleus, "
+                     f"{ruler}; no cell found = no prediction")
+    steps.append("bring it to a normalize.size square with normalize.mode and normalize.pad_color (area filter "
+                 "when shrinking, cubic when enlarging)")
+    if meta.stain_reference is not None:
+        steps.append(f"standardise its colour to stain_reference ({meta.stain_reference.method}, fitted on "
+                     f"{meta.stain_reference.n_images} training images)")
+    steps.append("resize to image_size (area filter when shrinking)")
+    return steps
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,6 +202,8 @@ def run_export(model_path: Path, out_dir: Path, formats: tuple[str, ...] = FORMA
         "temperature": temperature,
         "calibrated": meta.calibrated,
         "normalize": meta.normalize.model_dump(mode="json"),
+        "stain_reference": None if meta.stain_reference is None else meta.stain_reference.to_dict(),
+        "pixel_sizes": dict(meta.pixel_sizes),
         "mean": list(meta.mean),
         "std": list(meta.std),
         "input": {
@@ -185,9 +212,7 @@ def run_export(model_path: Path, out_dir: Path, formats: tuple[str, ...] = FORMA
             "layout": "NCHW, RGB",
             "dtype": "uint8 (ONNX); uint8 or float32 with values 0..255 (TorchScript)",
             "scaling": "built in: (x - mean*255) / (std*255) per channel",
-            "preprocessing": "decode the image file to RGB, bring it to a normalize.size square with "
-            "normalize.mode and normalize.pad_color, resize to image_size (area filter when shrinking); "
-            "`wbc predict` does exactly this",
+            "preprocessing": preprocessing_steps(meta),
         },
         "outputs": {"logits": ["batch", len(meta.classes)],
                     "probabilities": "softmax(logits / temperature), temperature fitted on the validation split"

@@ -7,9 +7,12 @@ Each input (an image file, or the base64-encoded bytes of one) is
    its size passed ``predict.max_image_bytes``; base64 only when short enough to decode within it,
 2. checked from its header alone, nothing decoded yet: a format of ``ingest.formats``, at most
    ``predict.max_pixels`` pixels, a short side of at least ``ingest.min_side``, not cut short,
-3. decoded once, by the decoder the normalize stage uses (:func:`pipeline.imaging.decode_rgb`),
-4. squared with the normalize params saved in the model and resized to the model's input size
-   exactly like the training data (:func:`pipeline.imaging.model_pixels`),
+3. decoded once, framed, squared and colour-standardised by the very function the normalize stage
+   runs over the training images (:func:`pipeline.preprocess.square_image`), with the preprocessing
+   saved in the model (normalize params, stain reference, pixel size); an image where framing finds
+   no cell is refused with the framing step's reason,
+4. resized to the model's input size exactly like the training data
+   (:func:`pipeline.imaging.resize_square`),
 5. fed to the model as raw 0..255 uint8 NCHW (the model scales its input itself), in batches,
    on the GPU when there is one,
 6. turned into calibrated probabilities: logits divided by the temperature fitted on the
@@ -44,10 +47,12 @@ from tqdm import tqdm
 
 from pipeline.calibration import softmax
 from pipeline.config import IngestParams, Params, PredictParams
-from pipeline.imaging import ImageReadError, decode_rgb, model_pixels, to_chw
+from pipeline.imaging import ImageReadError, resize_square, to_chw
 from pipeline.inference import batch_logits, load_model, pick_device
+from pipeline.inspection import REASON_MEANINGS
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
+from pipeline.preprocess import NoCellFound, Preprocessing, square_image
 from pipeline.registry import local_model_file
 from pipeline.sources import walk_files
 
@@ -216,12 +221,24 @@ def checked_header(data: bytes, limits: InputLimits) -> str:
     return image_format
 
 
-def checked_pixels(data: bytes, limits: InputLimits, name: str = "<bytes>") -> np.ndarray:
-    """``data`` checked from its header, then decoded once to HxWx3 uint8 RGB by the normalize
-    stage's decoder; raises :class:`RejectedInput` with a reason code."""
+def model_preprocessing(meta: ModelMeta) -> Preprocessing:
+    """The preprocessing a trained model's inputs get, from its metadata; ValueError (before any
+    input is read) when the model frames by a pixel size its inputs cannot be given."""
+    preprocessing = Preprocessing(meta.normalize, meta.stain_reference, meta.pixel_sizes)
+    preprocessing.input_um_per_px()
+    return preprocessing
+
+
+def checked_square(data: bytes, limits: InputLimits, preprocessing: Preprocessing, name: str = "<bytes>") -> np.ndarray:
+    """``data`` checked from its header, then decoded once and brought to the normalized square exactly
+    as the normalize stage brings its images (:func:`pipeline.preprocess.square_image`); raises
+    :class:`RejectedInput` with a reason code (the framing step's when it finds no cell)."""
     image_format = checked_header(data, limits)
     try:
-        return decode_rgb(data, name)
+        return square_image(data, preprocessing, preprocessing.input_um_per_px(), name)
+    except NoCellFound as exc:
+        raise RejectedInput(exc.reason, f"normalize.framing {preprocessing.normalize.framing}: "
+                            f"{REASON_MEANINGS[exc.reason]}") from None
     except MemoryError:
         raise RejectedInput("too-many-pixels", "decoding ran out of memory") from None
     except Exception as exc:  # an ImageReadError, or a decoder bug on one odd input: it must not stop the others
@@ -230,13 +247,14 @@ def checked_pixels(data: bytes, limits: InputLimits, name: str = "<bytes>") -> n
         raise RejectedInput("corrupt", f"the {image_format} data could not be decoded") from None
 
 
-def prepare_input(item: ImageInput, checks: InputLimits, normalize: dict[str, Any], image_size: int) -> np.ndarray:
-    """``item`` as the model's input: a 3 x image_size x image_size uint8 array.
+def prepare_input(item: ImageInput, checks: InputLimits, preprocessing: Preprocessing, image_size: int) -> np.ndarray:
+    """``item`` as the model's input: a 3 x image_size x image_size uint8 array, prepared with the
+    model's ``preprocessing``.
 
     Raises :class:`RejectedInput` with a reason code when the input is not a usable image.
     """
-    image = checked_pixels(read_input(item, checks), checks, item.name)
-    return to_chw(model_pixels(image, normalize, image_size))
+    square = checked_square(read_input(item, checks), checks, preprocessing, item.name)
+    return to_chw(resize_square(square, image_size))
 
 
 @dataclass
@@ -250,11 +268,11 @@ class _Prepared:
 class _Inputs(Dataset):
     """Prepared inputs in order; decoding runs in the loader's worker processes."""
 
-    def __init__(self, items: Sequence[ImageInput], checks: InputLimits, normalize: dict[str, Any],
+    def __init__(self, items: Sequence[ImageInput], checks: InputLimits, preprocessing: Preprocessing,
                  image_size: int):
         self.items = items
         self.checks = checks
-        self.normalize = normalize
+        self.preprocessing = preprocessing
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -262,7 +280,8 @@ class _Inputs(Dataset):
 
     def __getitem__(self, index: int) -> _Prepared:
         try:
-            return _Prepared(index, prepare_input(self.items[index], self.checks, self.normalize, self.image_size))
+            return _Prepared(index, prepare_input(self.items[index], self.checks, self.preprocessing,
+                                                  self.image_size))
         except RejectedInput as exc:
             return _Prepared(index, None, exc.reason, exc.detail)
 
@@ -286,7 +305,8 @@ class Predictor:
         self.device = device
         self.classes: list[str] = list(meta.classes)
         self.image_size = meta.image_size
-        self.normalize: dict[str, Any] = meta.normalize.model_dump(mode="json")
+        # the normalize params, stain reference and pixel size the training images were prepared with
+        self.preprocessing = model_preprocessing(meta)
         self.calibrated = meta.calibrated
         self.temperature = meta.temperature_or_one
 
@@ -305,7 +325,7 @@ class Predictor:
                 "top_probability", "uncertain"]
 
     def _batches(self, items: Sequence[ImageInput]) -> Iterator[list[_Prepared]]:
-        dataset = _Inputs(items, self.checks, self.normalize, self.image_size)
+        dataset = _Inputs(items, self.checks, self.preprocessing, self.image_size)
         # loader processes only pay off from the second batch on
         workers = min(self.settings.workers, max(0, (len(items) - 1) // self.settings.batch_size))
         loader = DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=False, num_workers=workers,

@@ -34,7 +34,8 @@ def test_onnx_and_torchscript_match_pytorch_with_any_batch_size(tiny_model, tmp_
     meta = json.loads((out / META_FILE).read_text())
     assert meta["classes"] == tiny_params().data.classes and meta["image_size"] == 32
     assert meta["temperature"] == pytest.approx(TEMPERATURE)
-    assert meta["normalize"] == {"size": 40, "mode": "pad", "pad_color": [255, 255, 255]}
+    assert meta["normalize"] == tiny_params().normalize.model_dump(mode="json") and meta["normalize"]["size"] == 40
+    assert meta["stain_reference"] is None and meta["pixel_sizes"] == {}
     assert meta["files"] == {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
     assert meta["parity"]["onnx"]["max_abs_diff_probabilities"] == result["exports"]["onnx"][
         "max_abs_diff_probabilities"]

@@ -20,12 +20,11 @@ from pipeline.config import NormalizeParams, ParamsError, PredictParams, parse_p
 from pipeline.framing import FRAMING_REASONS, FRAMING_SCALES, locate_nucleus
 from pipeline.imaging import decode_reduction, decode_rgb, fit_square, jpeg_size, resize_square, to_chw
 from pipeline.inference import load_model, save_model
-from pipeline.inputs import ImageInput, prepare_input
 from pipeline.inspection import REASON_MEANINGS
 from pipeline.model_meta import ModelMeta
 from pipeline.models import build_classifier
 from pipeline.normalize import run_normalize
-from pipeline.predict import Predictor
+from pipeline.predict import ImageInput, Predictor, prepare_input
 from pipeline.preprocess import NoCellFound, Preprocessing, read_preprocessing, square_image
 from pipeline.stain import STAIN_METHODS, StainReference, fit_reference
 from pipeline.training import model_meta
