@@ -108,6 +108,7 @@ class TinyRun:
     processed: Path
     policy: Path
     models: Path
+    reports: Path
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +123,7 @@ def tiny_trained(tmp_path_factory, mlflow_store) -> TinyRun:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)  # session fixtures run before the per-test isolation
         run_train(params, processed, policy, root / "models", root / "reports", progress=False)
-    return TinyRun(params, raw, processed, policy, root / "models")
+    return TinyRun(params, raw, processed, policy, root / "models", root / "reports")
 
 
 def save_tiny_model(path: Path, temperature: float, seed: int = 0, head_std: float | None = None) -> Path:
