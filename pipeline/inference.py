@@ -3,7 +3,7 @@ prediction and export."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier, build_classifier
+
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -23,11 +25,22 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU (where bf16 is slower on most cores)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype autocast computes in on ``device``, or None for full fp32 precision.
+
+    ``auto`` is bf16 on CUDA and fp32 on the CPU (where bf16 is slower on most cores); ``bf16``
+    and ``fp32`` force one on any device, so the CUDA path can be rehearsed on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """Autocast at :func:`autocast_dtype`: bf16 on CUDA, none on the CPU unless ``precision`` says so."""
+    dtype = autocast_dtype(device, precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def save_model(path: Path, model: Classifier, meta: ModelMeta) -> None:
@@ -39,11 +52,20 @@ def save_model(path: Path, model: Classifier, meta: ModelMeta) -> None:
     tmp.replace(path)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
-    """Rebuild a model saved by :func:`save_model` (weights only: nothing is unpickled)."""
+def _read_saved(path: Path) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: trained model not found; run `wbc train` (or `dvc repro`) first")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_meta(path: Path) -> ModelMeta:
+    """The metadata of a model saved by :func:`save_model`, without building its network."""
+    return ModelMeta.from_dict(_read_saved(path).get("meta"), source=str(path))
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
+    """Rebuild a model saved by :func:`save_model` (weights only: nothing is unpickled)."""
+    checkpoint = _read_saved(path)
     meta = ModelMeta.from_dict(checkpoint.get("meta"), source=str(path))
     model = build_classifier(meta.model, len(meta.classes), meta.image_size, pretrained=False)
     model.load_state_dict(checkpoint["state_dict"])
@@ -51,10 +73,12 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Classifi
 
 
 @torch.no_grad()
-def batch_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Float32 logits (on the CPU) of one batch of uint8 NCHW images; ``model`` must be in eval mode."""
+def batch_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device,
+                 precision: str = "auto") -> torch.Tensor:
+    """Float32 logits (on the CPU) of one batch of uint8 NCHW images, computed at ``precision``
+    (:func:`autocast_dtype`); ``model`` must be in eval mode."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with autocast(device):
+    with autocast(device, precision):
         out = model(images)
     return out.float().cpu()
 

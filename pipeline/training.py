@@ -116,15 +116,15 @@ def build_model(cfg: TrainParams, num_classes: int, device: torch.device) -> Cla
 
 
 def wrap_model(model: Classifier, cfg: TrainParams, ddp: Distributed, device: torch.device,
-               compiled: bool = False) -> nn.Module:
+               compiled: bool = False, backend: str = "inductor") -> nn.Module:
     """What the training step calls: ``model`` under DDP when several processes train it,
-    compiled when ``compiled`` (``runtime.compile``) asks; ``model`` itself otherwise."""
+    compiled by ``backend`` when ``compiled`` (``runtime.compile``) asks; ``model`` itself otherwise."""
     net: nn.Module = model
     if ddp.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=frozen_epochs(cfg) > 0)
-    return torch.compile(net) if compiled else net
+    return torch.compile(net, backend=backend) if compiled else net
 
 
 def build_loss(cfg: TrainParams, labels: np.ndarray, num_classes: int, device: torch.device) -> nn.Module:
@@ -193,13 +193,15 @@ def freeze_norm_statistics(model: nn.Module, everywhere: bool = False) -> None:
 
 
 def train_step(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn: nn.Module,
-               optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float) -> torch.Tensor:
+               optimizer: torch.optim.Optimizer, device: torch.device, grad_clip: float,
+               precision: str = "auto") -> torch.Tensor:
     """One optimisation step on a batch of uint8 images (copied to ``device`` without blocking,
-    channels-last, bf16 autocast on CUDA); returns the batch loss as a detached tensor, left on
-    the device so the step never waits for the GPU."""
+    channels-last, autocast at ``precision``: bf16 on CUDA by default, see
+    :func:`pipeline.inference.autocast_dtype`); returns the batch loss as a detached tensor, left
+    on the device so the step never waits for the GPU."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     targets = targets.to(device, non_blocking=True)
-    with autocast(device):
+    with autocast(device, precision):
         loss = loss_fn(net(images).float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
