@@ -521,6 +521,10 @@ class PredictParams(_Section):
     batch_size: int = Field(64, ge=1)
     workers: int = Field(2, ge=0, description="loader processes decoding images; 0 = decode in the main process")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Literal["torch", "onnx"] = Field(
+        "torch", description="what runs the model: torch (GPU when there is one), or onnx (ONNX Runtime on the "
+        "CPU, the parity-checked export; for labs without a GPU)"
+    )
     max_rows: int = Field(
         256, ge=1, description="rows one request to the served model may carry; every row of a larger request "
         "is refused (too-many-rows) unread. wbc predict streams any number of files"

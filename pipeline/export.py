@@ -28,9 +28,9 @@ from torch import nn
 
 from pipeline.config import IngestParams
 from pipeline.inference import load_model
+from pipeline.inputs import ImageInput, RejectedInput, input_checks, model_preprocessing, prepare_input
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
-from pipeline.predict import ImageInput, RejectedInput, input_checks, model_preprocessing, prepare_input
 
 FORMATS = ("onnx", "torchscript")
 ONNX_FILE = "model.onnx"

@@ -34,7 +34,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from pipeline.config import IngestParams, Params, PredictParams
-from pipeline.predict import ImageInput, Predictor
+from pipeline.inputs import ImageInput
+from pipeline.predict import Predictor
 from pipeline.registry import WEIGHTS_ARTIFACT
 
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
@@ -42,14 +43,16 @@ PACKAGE_DIR = Path(__file__).parent
 # What the served model imports (pipeline.predict and what it imports), pinned to this environment.
 SERVING_DISTRIBUTIONS = (
     "mlflow", "torch", "monai", "numpy", "pandas", "pillow", "opencv-python-headless", "scikit-learn", "scipy",
-    "matplotlib", "pydantic", "pyyaml", "tqdm",
+    "matplotlib", "pydantic", "pyyaml", "tqdm", "filelock",
 )
+# What the onnx engine adds: the exporter (run when the served model loads) and the runtime.
+ONNX_DISTRIBUTIONS = ("onnx", "onnxscript", "onnxruntime")
 
 
-def serving_requirements() -> list[str]:
-    """pip requirements of the served model: the installed versions of what it imports."""
+def serving_requirements(engine: str = "torch") -> list[str]:
+    """pip requirements of the served model running ``engine``: the installed versions of what it imports."""
     requirements = []
-    for name in SERVING_DISTRIBUTIONS:
+    for name in SERVING_DISTRIBUTIONS + (ONNX_DISTRIBUTIONS if engine == "onnx" else ()):
         try:
             requirements.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
@@ -155,7 +158,7 @@ def log_pyfunc_model(model_path: Path, params: Params, classes: list[str], examp
         artifacts={WEIGHTS_ARTIFACT: str(model_path)},
         model_config=model_config(params),
         code_paths=[str(PACKAGE_DIR)],
-        pip_requirements=serving_requirements(),
+        pip_requirements=serving_requirements(params.predict.engine),
         signature=signature(classes),
         input_example=pd.DataFrame({"image": [encode_png(example_image)]}),
         registered_model_name=registered_model or None,
