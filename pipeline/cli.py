@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("adapt", _cmd_adapt,
                 "few-shot adaptation: fine-tune the model on K labelled images per class of a new site, score the rest")
     p.add_argument("--dataset", type=Path, required=True, metavar="DIR",
-                   help="the new site, ingested and normalized (DIR/interim, DIR/processed)")
+                   help="the new site, ingested and normalized (DIR/interim, DIR/processed) (required)")
     p.add_argument("--shots", type=int, metavar="K", help="labelled images per class (default: adapt.shots)")
     p.add_argument("--name", help="name of the site in reports, models and MLflow (default: DIR's name)")
     p.add_argument("--map", action="append", default=[], metavar="LABEL=CLASS",

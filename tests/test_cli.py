@@ -72,7 +72,8 @@ def test_help_shows_no_markup_and_every_option_its_help_and_default():
                 continue
             assert action.help, (name, action.dest)
             takes_value = action.option_strings and not isinstance(action, argparse._StoreTrueAction)
-            assert not takes_value or "default: " in action.help, (name, action.dest)
+            wanted = "(required)" if action.required else "default: "
+            assert not takes_value or wanted in action.help, (name, action.dest)
     shown = " ".join(_sub_commands(parser)["ingest"].format_help().split())
     assert "(default: data/interim)" in shown and "(default: params.yaml)" in shown
 

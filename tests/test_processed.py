@@ -15,7 +15,7 @@ from pipeline.augment import run_augment
 from pipeline.config import AugmentParams
 from pipeline.crosssite import run_crosssite
 from pipeline.evaluate import run_evaluate
-from pipeline.layout import IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, MODEL_FILE, NORMALIZE_SUMMARY_FILE
+from pipeline.layout import IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, MODEL_FILE, NORMALIZE_SUMMARY_FILE, REJECTED_FILE
 from pipeline.normalize import run_normalize
 from pipeline.processed import ProcessedDataError, check_processed, file_sha256
 from pipeline.train import run_train
@@ -39,7 +39,9 @@ def test_normalize_records_its_manifest_and_what_it_wrote(tiny_processed, tmp_pa
     assert record["index_sha256"] == file_sha256(processed / INDEX_FILE)
     assert record["images_shape"] == [48, 40, 40, 3]
     check_processed(processed, tmp_path / "manifest.csv")
-    assert sorted(p.name for p in processed.iterdir()) == sorted([IMAGES_FILE, INDEX_FILE, NORMALIZE_SUMMARY_FILE])
+    assert sorted(p.name for p in processed.iterdir()) == sorted(
+        [IMAGES_FILE, INDEX_FILE, NORMALIZE_SUMMARY_FILE, REJECTED_FILE])
+    assert pd.read_csv(processed / REJECTED_FILE).empty  # framing off: no image is rejected
 
 
 def test_train_refuses_images_of_another_normalize_run(two_runs, tmp_path):
