@@ -19,6 +19,7 @@ size, so PBC is subsampled (``--pbc-per-class``) and training is short by defaul
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -97,12 +98,28 @@ def method_params(raw: Path, method: dict, args: argparse.Namespace) -> Params:
     return parse_params(raw_params, source="cross-site benchmark")
 
 
-def prepared(params: Params, out: Path, key: str) -> Path:
-    """Ingest (once) and normalize (once per normalize params) into ``out``; the processed folder."""
-    interim = out / "interim"
+def fitted_on_sites(params: Params) -> bool:
+    """Whether normalize fits something on the training sites' images (a colour reference)."""
+    return params.normalize.stain != "none"
+
+
+def ingested(params: Params, out: Path, suffix: str = "") -> Path:
+    """Ingest once into ``out/interim<suffix>``; that folder."""
+    interim = out / f"interim{suffix}"
     if not (interim / "manifest.csv").is_file():
-        run_ingest(params, interim, out / "reports", progress=False)
-    processed = out / f"processed-{key}"
+        run_ingest(params, interim, out / f"reports{suffix}", progress=False)
+    return interim
+
+
+def prepared(params: Params, out: Path, key: str, held_out: list[str] | None = None) -> Path:
+    """Ingest (once per set of held-out sites) and normalize (once per normalize params and held-out sites)
+    into ``out``; the processed folder. ``held_out`` sites are ``ingest.holdout_sites``, so a colour
+    reference is fitted on the other sites' training images only: the sites scored stay unseen."""
+    if held_out:
+        params = params.model_copy(update={"ingest": params.ingest.model_copy(update={"holdout_sites": held_out})})
+    suffix = f"-without-{'+'.join(held_out)}" if held_out else ""
+    interim = ingested(params, out, suffix)
+    processed = out / f"processed-{key}{suffix}"
     if not (processed / "index.csv").is_file():
         run_normalize(interim / "manifest.csv", Path(params.data.root), processed, params.normalize, progress=False)
     return processed
@@ -144,16 +161,23 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     records = []
     for name in args.methods:
         params = method_params(raw, METHODS[name], args)
-        processed = prepared(params, out, json.dumps(params.normalize.model_dump(mode="json"), sort_keys=True)
-                             .encode().hex()[:16])
-        index = load_index(processed)
+        key = hashlib.sha256(json.dumps(params.normalize.model_dump(mode="json"), sort_keys=True).encode())
+        key = key.hexdigest()[:16]
+        refit = fitted_on_sites(params)
+        shared = None if refit else prepared(params, out, key)
+        index = None if refit else load_index(shared)
         policy = build_policy(params.augment)
-        sites = list(dict.fromkeys(index["site"]))
+        sites = list(dict.fromkeys(pd.read_csv(ingested(params, out) / "manifest.csv")["site"]))
         plans = ([Fold(site, tuple(args.train_only)) for site in sites if site not in args.train_only]
                  if args.train_only else [Fold(site, tuple(s for s in sites if s != site)) for site in sites])
         cache: dict[tuple[str, ...], object] = {}
         for fold in plans:
             started = time.perf_counter()
+            processed = shared
+            if refit:  # the colour reference must not see the left-out site (nor, with --train-only, any
+                # site the model is scored on): ingest and normalize with them held out
+                processed = prepared(params, out, key, [s for s in sites if s not in fold.trained_on])
+                index = load_index(processed)
             model = cache.get(fold.trained_on) or fold_model(fold, params, processed, index, policy, device,
                                                                progress=args.verbose)
             cache[fold.trained_on] = model
