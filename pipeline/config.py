@@ -584,7 +584,7 @@ class TrackingParams(_Section):
 
 # The sections the DVC stages depend on (dvc.yaml names them per stage): what made a model and its
 # evaluation. The others (runtime, tracking, and the settings of tools that are no stage) change no output.
-STAGE_SECTIONS = ("data", "sample", "ingest", "normalize", "augment", "train", "evaluate")
+STAGE_SECTIONS = ("data", "sample", "ingest", "normalize", "augment", "train", "evaluate", "crosssite")
 
 # Keys that moved out of the stage sections, so that a params.yaml written before says where they went.
 MOVED_KEYS = {

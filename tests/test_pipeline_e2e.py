@@ -65,7 +65,11 @@ def project(tmp_path, isolated_mlflow) -> tuple[Path, dict]:
 def test_dvc_repro_runs_every_stage_then_only_what_changed(project):
     root, env = project
     first = _run(["dvc", "repro"], root, env)
-    assert _stages_run(first) == ["sample", "ingest", "normalize", "augment", "train", "evaluate"]
+    ran = _stages_run(first)
+    assert [s for s in ran if s != "crosssite"] == ["sample", "ingest", "normalize", "augment", "train", "evaluate"]
+    assert ran.index("crosssite") > ran.index("augment")  # it reads the processed images and the policy
+    # one site (the sample): the cross-site report says there is nothing to leave out
+    assert "no site to leave out" in (root / "reports" / "crosssite" / "report.md").read_text()
 
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "recall/basophil", "f1/platelet"):
@@ -91,7 +95,8 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(project):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["lr"] = params["train"]["lr"] * 1.5
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _stages_run(_run(["dvc", "repro"], root, env)) == ["train", "evaluate"]
+    # (and the cross-site stage, whose folds are trained with the train params)
+    assert sorted(_stages_run(_run(["dvc", "repro"], root, env))) == ["crosssite", "evaluate", "train"]
 
 
 def test_a_bad_param_stops_the_stage_with_the_key_named(project):
