@@ -118,6 +118,8 @@ def prepared(params: Params, out: Path, key: str, held_out: list[str] | None = N
     if held_out:
         params = params.model_copy(update={"ingest": params.ingest.model_copy(update={"holdout_sites": held_out})})
     suffix = f"-without-{'+'.join(held_out)}" if held_out else ""
+    if list(params.data.classes) != list(PBC_CLASSES):
+        suffix += "-classes-" + hashlib.sha256(" ".join(params.data.classes).encode()).hexdigest()[:8]
     interim = ingested(params, out, suffix)
     processed = out / f"processed-{key}{suffix}"
     if not (processed / "index.csv").is_file():
@@ -167,30 +169,38 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         shared = None if refit else prepared(params, out, key)
         index = None if refit else load_index(shared)
         policy = build_policy(params.augment)
-        sites = list(dict.fromkeys(pd.read_csv(ingested(params, out) / "manifest.csv")["site"]))
+        manifest = pd.read_csv(ingested(params, out) / "manifest.csv")
+        sites = list(dict.fromkeys(manifest["site"]))
         plans = ([Fold(site, tuple(args.train_only)) for site in sites if site not in args.train_only]
                  if args.train_only else [Fold(site, tuple(s for s in sites if s != site)) for site in sites])
         cache: dict[tuple[str, ...], object] = {}
         for fold in plans:
+            if args.held_out and fold.left_out not in args.held_out:
+                continue
             started = time.perf_counter()
             processed = shared
-            if refit:  # the colour reference must not see the left-out site (nor, with --train-only, any
-                # site the model is scored on): ingest and normalize with them held out
-                processed = prepared(params, out, key, [s for s in sites if s not in fold.trained_on])
+            # Scores cover the classes the scored site shares with training: a class no training site has
+            # is left out of data.classes (its images listed as unknown-class, not scored)
+            known = set(manifest.loc[manifest["site"].isin(fold.trained_on), "label"])
+            fold_params = params.model_copy(update={"data": params.data.model_copy(
+                update={"classes": [c for c in params.data.classes if c in known]})})
+            if refit or len(known) < len(params.data.classes):  # a colour reference must not see the sites
+                # the model is scored on: ingest and normalize with them held out
+                processed = prepared(fold_params, out, key, [s for s in sites if s not in fold.trained_on])
                 index = load_index(processed)
-            model = cache.get(fold.trained_on) or fold_model(fold, params, processed, index, policy, device,
+            model = cache.get(fold.trained_on) or fold_model(fold, fold_params, processed, index, policy, device,
                                                                progress=args.verbose)
             cache[fold.trained_on] = model
             target = site_rows(index, fold.left_out, None)
             base = {"method": name, "held_out": fold.left_out, "trained_on": " ".join(fold.trained_on)}
-            records.append({**base, **score_columns("out_of_site", model, processed, target, params),
+            records.append({**base, **score_columns("out_of_site", model, processed, target, fold_params),
                             **score_columns("in_site", model, processed, site_rows(index, fold.trained_on, "test"),
-                                            params)})
+                                            fold_params)})
             if name in args.bn_for:
                 adapted = with_adapted_batchnorm(model, images_of_rows(processed, target, model.classes),
-                                                 params.evaluate.batch_size)
+                                                 fold_params.evaluate.batch_size)
                 records.append({**base, "method": f"{name} {BN_ROW}",
-                                **score_columns("out_of_site", adapted, processed, target, params)})
+                                **score_columns("out_of_site", adapted, processed, target, fold_params)})
             if name == args.few_shot_from:
                 for shots in args.shots:
                     records.append({**base, "method": f"{name} + few-shot K={shots}",
@@ -220,6 +230,7 @@ def main() -> None:
     parser.add_argument("--bn-for", nargs="*", default=["defaults", "all"], help="methods also scored after AdaBN")
     parser.add_argument("--few-shot-from", default="all", help="the method whose fold models are fine-tuned")
     parser.add_argument("--shots", nargs="*", type=int, default=[5, 10, 25])
+    parser.add_argument("--held-out", nargs="*", default=[], help="only the folds leaving out these sites")
     parser.add_argument("--train-only", nargs="*", default=[], help="train once on these sites, score the others")
     parser.add_argument("--pbc-per-class", type=int, default=120, help="PBC images per class (0 = all)")
     parser.add_argument("--model", default="efficientnet-lite0")
