@@ -216,9 +216,19 @@ SPOT_TRAINING = {"baseline-cnn": (False, 3, 4e-3), "resnet": (False, 2, 4e-3), "
                  "efficientnet-lite": (True, 2, 1e-3)}
 
 
+@pytest.fixture()
+def one_thread():
+    """Torch on one thread while the test runs: at 48 px each operation is too small to share, and on a busy
+    machine the second thread's waiting made these trainings several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", one_backbone_per_family())
-def test_hottest_quarter_of_the_map_matters_more_than_the_coldest(name):
+def test_hottest_quarter_of_the_map_matters_more_than_the_coldest(name, one_thread):
     family = get_backbone(name).family
     assert family in SPOT_TRAINING, f"say in SPOT_TRAINING how the {family} family learns the spots"
     pretrained, epochs, lr = SPOT_TRAINING[family]
