@@ -7,6 +7,7 @@ import ast
 
 import yaml
 from conftest import REPO
+from test_modules import pipeline_imports
 
 from pipeline.config import STAGE_SECTIONS, Params
 
@@ -23,14 +24,7 @@ def _stages() -> dict[str, dict]:
 
 def imported_modules(module: str) -> set[str]:
     """Modules of pipeline/ that ``module`` imports anywhere in its code (also inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("pipeline.")}
+    found = pipeline_imports(ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8")))
     return {name for name in found if (PACKAGE / f"{name}.py").is_file()} - NOT_STAGE_CODE
 
 

@@ -19,7 +19,7 @@ def _trees() -> dict[str, ast.Module]:
     return {path.stem: ast.parse(path.read_text(encoding="utf-8")) for path in sorted(PACKAGE.glob("*.py"))}
 
 
-def _imports(tree: ast.Module) -> set[str]:
+def pipeline_imports(tree: ast.Module) -> set[str]:
     """The pipeline modules a module imports, at the top or inside functions."""
     found = set()
     for node in ast.walk(tree):
@@ -33,7 +33,7 @@ def _imports(tree: ast.Module) -> set[str]:
 
 
 def _graph() -> dict[str, set[str]]:
-    return {name: _imports(tree) - {name} for name, tree in _trees().items()}
+    return {name: pipeline_imports(tree) - {name} for name, tree in _trees().items()}
 
 
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
