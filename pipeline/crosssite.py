@@ -182,6 +182,13 @@ def report_markdown(table: pd.DataFrame, params: Params, note: str = "") -> str:
             f"{_interval(record, 'out_of_site_macro_f1')} | {_interval(record, 'out_of_site_accuracy')} | "
             + (f"{_interval(record, 'adapted_bn_macro_f1')} | " if adapt else "")
             + f"{_interval(record, 'in_site_macro_f1')} |")
+    seen = [site for site in table["left_out"] if site not in params.ingest.holdout_sites]
+    if params.normalize.stain != "none" and seen:
+        lines += ["", f"Colour reference (`normalize.stain: {params.normalize.stain}`): fitted once, on "
+                  "training-split images of every site not in `ingest.holdout_sites`, so its statistics saw "
+                  f"unlabelled pixels of {', '.join(seen)} before {'that site was' if len(seen) == 1 else 'each was'} "
+                  "left out. For a strict measure, hold a site out at ingest (`ingest.holdout_sites`): the "
+                  "reference then never sees it (`benchmarks/cross_site.py` does this for every fold)."]
     recall = [c for c in table.columns if c.startswith("recall/")]
     if recall:
         lines += ["", "Recall per class on the left-out site (all its images):", "",

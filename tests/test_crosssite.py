@@ -11,7 +11,7 @@ from conftest import tiny_params
 
 from pipeline.augment import build_policy, save_policy
 from pipeline.config import PBC_CLASSES
-from pipeline.crosssite import folds, run_crosssite
+from pipeline.crosssite import folds, report_markdown, run_crosssite
 from pipeline.ingest import run_ingest
 from pipeline.normalize import run_normalize
 from pipeline.sample import generate_sample
@@ -98,3 +98,15 @@ def test_one_site_says_there_is_nothing_to_leave_out(tiny_processed, tmp_path):
     metrics = run_crosssite(tiny_params(), processed, policy, tmp_path / "out", progress=False)
     assert metrics == {"sites": 0.0}
     assert "there is no site to leave out" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_says_when_the_colour_reference_saw_a_left_out_site():
+    table = pd.DataFrame([{"left_out": s, "trained_on": "x", "out_of_site_n": 3} for s in ("lab-a", "lab-b")])
+    plain = report_markdown(table, tiny_params())
+    assert "Colour reference" not in plain
+    stained = report_markdown(table, tiny_params(normalize={"stain": "reinhard"}))
+    assert "unlabelled pixels of lab-a, lab-b" in stained and "ingest.holdout_sites" in stained
+    held_out = report_markdown(table.iloc[:1], tiny_params(
+        normalize={"stain": "reinhard"}, ingest={"holdout_sites": ["lab-a"]},
+        data={"sources": [{"site": "lab-a", "root": "a"}, {"site": "lab-b", "root": "b"}]}))
+    assert "Colour reference" not in held_out
