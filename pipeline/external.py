@@ -47,8 +47,9 @@ from pipeline.evaluator import (
     with_adapted_batchnorm,
 )
 from pipeline.figures import figure_path, plot_unknown_predictions
-from pipeline.layout import IMAGES_FILE, INDEX_FILE, INGEST_SUMMARY_FILE
+from pipeline.layout import IMAGES_FILE, INDEX_FILE, INGEST_SUMMARY_FILE, MANIFEST_FILE
 from pipeline.metrics import EXTERNAL_PREFIX
+from pipeline.processed import check_processed
 from pipeline.report import Section, split_phrase
 from pipeline.sources import resolve_label
 
@@ -84,6 +85,7 @@ def locate_dataset(dataset_dir: Path) -> tuple[Path, Path]:
     if missing:
         raise FileNotFoundError(f"--dataset {dataset_dir}: not an ingested and normalized dataset, missing "
                                 + "; ".join(missing) + " (each with that dataset's own --params)")
+    check_processed(processed, interim / MANIFEST_FILE)  # one complete normalize run of this manifest
     return interim, processed
 
 

@@ -15,7 +15,16 @@ from pipeline.augment import run_augment
 from pipeline.config import AugmentParams
 from pipeline.crosssite import run_crosssite
 from pipeline.evaluate import run_evaluate
-from pipeline.layout import IMAGES_FILE, INDEX_FILE, MANIFEST_FILE, MODEL_FILE, NORMALIZE_SUMMARY_FILE, REJECTED_FILE
+from pipeline.external import locate_dataset
+from pipeline.layout import (
+    IMAGES_FILE,
+    INDEX_FILE,
+    INGEST_SUMMARY_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    NORMALIZE_SUMMARY_FILE,
+    REJECTED_FILE,
+)
 from pipeline.normalize import run_normalize
 from pipeline.processed import ProcessedDataError, check_processed, file_sha256
 from pipeline.train import run_train
@@ -120,3 +129,17 @@ def test_normalize_will_not_replace_a_folder_holding_other_files(tiny_processed,
     with pytest.raises(ValueError, match=r"holds notes\.txt besides the normalize stage's outputs"):
         run_normalize(tmp_path / "manifest.csv", raw, shared, tiny_params().normalize, progress=False)
     assert [p.name for p in shared.iterdir()] == ["notes.txt"]
+
+
+def test_external_datasets_are_checked_like_the_pipeline_s_own(tiny_processed, tmp_path):
+    """wbc evaluate --dataset and wbc adapt read DIR/interim and DIR/processed: a processed folder made
+    from another manifest than the one beside it is refused before anything is scored."""
+    interim = tmp_path / "interim"
+    interim.mkdir()
+    (interim / INGEST_SUMMARY_FILE).write_text("{}")
+    shutil.copy(tmp_path / "manifest.csv", interim / MANIFEST_FILE)
+    assert locate_dataset(tmp_path) == (interim, tmp_path / "processed")
+    manifest = pd.read_csv(interim / MANIFEST_FILE)
+    manifest.iloc[:-1].to_csv(interim / MANIFEST_FILE, index=False)  # ingest ran again, normalize did not
+    with pytest.raises(ProcessedDataError, match="wbc normalize"):
+        locate_dataset(tmp_path)
