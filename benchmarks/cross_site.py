@@ -160,7 +160,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     out = Path(args.out)
     raw = link_data(Path(args.data), out, args.pbc_per_class, args.seed)
     device = pick_device("auto")
-    records = []
+    done = out / "cross_site.csv"
+    records = pd.read_csv(done).to_dict("records") if args.resume and done.is_file() else []
+    finished = {(r["method"], r["held_out"]) for r in records}
     for name in args.methods:
         params = method_params(raw, METHODS[name], args)
         key = hashlib.sha256(json.dumps(params.normalize.model_dump(mode="json"), sort_keys=True).encode())
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                  if args.train_only else [Fold(site, tuple(s for s in sites if s != site)) for site in sites])
         cache: dict[tuple[str, ...], object] = {}
         for fold in plans:
-            if args.held_out and fold.left_out not in args.held_out:
+            if (args.held_out and fold.left_out not in args.held_out) or (name, fold.left_out) in finished:
                 continue
             started = time.perf_counter()
             processed = shared
@@ -230,6 +232,7 @@ def main() -> None:
     parser.add_argument("--bn-for", nargs="*", default=["defaults", "all"], help="methods also scored after AdaBN")
     parser.add_argument("--few-shot-from", default="all", help="the method whose fold models are fine-tuned")
     parser.add_argument("--shots", nargs="*", type=int, default=[5, 10, 25])
+    parser.add_argument("--resume", action="store_true", help="keep the rows of --out's table, run only the rest")
     parser.add_argument("--held-out", nargs="*", default=[], help="only the folds leaving out these sites")
     parser.add_argument("--train-only", nargs="*", default=[], help="train once on these sites, score the others")
     parser.add_argument("--pbc-per-class", type=int, default=120, help="PBC images per class (0 = all)")
