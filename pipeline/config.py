@@ -372,6 +372,10 @@ class IngestParams(_Section):
     near_dup_threshold: int = Field(
         44, ge=0, le=128, description="max perceptual-hash distance (of 256 bits) of near-duplicates; 0 = off"
     )
+    recrop_threshold: int = Field(
+        0, ge=0, le=128, description="max perceptual-hash distance (of 256 bits) between the white cells, each "
+        "centred on its nucleus: links re-crops of one cell shifted in the frame (crop datasets); 0 = off"
+    )
     holdout_sites: list[str] = Field(
         default_factory=list, description="sites never used for training or validation, evaluated apart"
     )

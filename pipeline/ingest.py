@@ -74,7 +74,7 @@ def run_ingest(
             rejections.append(Rejection(candidate.path, found.reason, found.detail))
         else:
             items.append(Item(candidate, found))
-    pictures, near = picture_groups(items, params.ingest.near_dup_threshold)
+    pictures, near = picture_groups(items, params.ingest.near_dup_threshold, params.ingest.recrop_threshold)
     kept, conflicts = quarantine_conflicts(pictures)
     rejections += conflicts
     kept_ids = {id(item) for item in kept}
@@ -243,7 +243,7 @@ def _rejected_section(rejections: list[Rejection]) -> list[str]:
 
 
 def _duplicates_section(
-    pictures: list[list[Item]], near: list[tuple[Item, Item, int]], threshold: int
+    pictures: list[list[Item]], near: list[tuple[Item, Item, int]], threshold: int, recrop_threshold: int = 0
 ) -> list[str]:
     repeated = sorted(
         (members for members in pictures if len(members) > 1), key=lambda m: m[0].candidate.path
@@ -262,7 +262,8 @@ def _duplicates_section(
         f"{PHASH_BITS} bits"
         if threshold
         else "near-duplicate search is off (ingest.near_dup_threshold: 0)"
-    )
+    ) + (f"; re-crops of one cell: hashes of the white cell centred on its nucleus within {recrop_threshold} bits"
+         if recrop_threshold else "")
     lines = [
         "## Duplicates",
         "",
@@ -302,6 +303,6 @@ def ingest_report(
         "",
         *_counts_section(summary, params),
         *_rejected_section(rejections),
-        *_duplicates_section(pictures, near, params.ingest.near_dup_threshold),
+        *_duplicates_section(pictures, near, params.ingest.near_dup_threshold, params.ingest.recrop_threshold),
     ]
     return "\n".join(lines).rstrip() + "\n"

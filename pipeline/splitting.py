@@ -75,19 +75,23 @@ class Item:
 
 
 def picture_groups(
-    items: list[Item], threshold: int
+    items: list[Item], threshold: int, recrop_threshold: int = 0
 ) -> tuple[list[list[Item]], list[tuple[Item, Item, int]]]:
-    """Items showing the same picture: identical bytes or, when ``threshold`` > 0, near-identical looks.
+    """Items showing the same picture: identical bytes or, when ``threshold`` > 0, near-identical looks,
+    or, when ``recrop_threshold`` > 0, the same cell re-cropped (hashes of the cell centred on its nucleus).
 
     Returns the groups and the near-duplicate links (item, item, hash distance) between different files.
     """
     links = list(_shared_key_links([(item.found.sha256,) for item in items]))
-    near = []
-    if threshold:
-        for i, j, distance in near_duplicate_pairs([item.found.phash for item in items], threshold):
-            if items[i].found.sha256 != items[j].found.sha256:
-                links.append((i, j))
-                near.append((items[i], items[j], distance))
+    near, linked = [], set()
+    for limit, field in ((threshold, "phash"), (recrop_threshold, "cell_phash")):
+        hashed = [k for k, item in enumerate(items) if limit and getattr(item.found, field) is not None]
+        for i, j, distance in near_duplicate_pairs([getattr(items[k].found, field) for k in hashed], limit):
+            a, b = items[hashed[i]], items[hashed[j]]
+            if a.found.sha256 != b.found.sha256 and (hashed[i], hashed[j]) not in linked:
+                linked.add((hashed[i], hashed[j]))
+                links.append((hashed[i], hashed[j]))
+                near.append((a, b, distance))
     groups = [[items[i] for i in members] for members in _components(len(items), links)]
     return groups, near
 
