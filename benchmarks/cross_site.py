@@ -84,7 +84,7 @@ def method_params(raw: Path, method: dict, args: argparse.Namespace) -> Params:
     raw_params = {
         "data": {"root": str(raw), "classes": list(PBC_CLASSES), "allow_outside_root": True,
                  "sources": [{"site": site, **source} for site, source in SITES.items()]},
-        "ingest": {"near_dup_threshold": 44},
+        "ingest": {"near_dup_threshold": 44, "recrop_threshold": 44},  # LISC: ~250 cells in 1,287 crops
         "normalize": {"size": max(args.image_size, 128)},
         "train": {"model": args.model, "image_size": args.image_size, "epochs": args.epochs,
                   "batch_size": args.batch_size},
