@@ -270,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         _common_options(p, top=False)
         return p
 
+    _data_commands(command)
+    _model_commands(command)
+    _evaluation_commands(command)
+    return parser
+
+
+def _data_commands(command: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
+    """Sub-commands that bring data in: fetch, sample and the data stages."""
     from pipeline.fetch import DATASETS
 
     p = command("fetch", _cmd_fetch, f"download a public dataset (checksummed, resumable) into {RAW}")
@@ -298,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     _path(p, "--policy", POLICY, "where the serialised policy is written")
     _path(p, "--preview", REPORTS / AUGMENT_PREVIEW_FILE, "preview grid of augmented images")
 
+
+def _model_commands(command: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
+    """Sub-commands that make and use a model: train, predict, export."""
     p = command("train", _cmd_train, "train the classifier (resumes an interrupted run)")
     _path(p, "--processed", PROCESSED, "normalized images (output of wbc normalize)")
     _path(p, "--interim", INTERIM, "ingest outputs (its summary is logged with the run)")
@@ -321,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", type=Path, metavar="IMAGE",
                    help="image files for the parity check (default: 8 random images)")
 
+
+def _evaluation_commands(command: Callable[[str, Callable, str], argparse.ArgumentParser]) -> None:
+    """Sub-commands that measure, compare and release models."""
     p = command("evaluate", _cmd_evaluate, "evaluate the trained model on the test split and write the report")
     _path(p, "--processed", PROCESSED, "normalized images (output of wbc normalize)")
     _path(p, "--interim", INTERIM, "ingest outputs (provenance of the data)")
@@ -367,7 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "metrics pass the promote gates in params; exit status 1 with the failing numbers otherwise")
     p.add_argument("--model-version", metavar="N",
                    help="registered model version to promote (default: the one with alias candidate)")
-    return parser
 
 
 def _mlflow_error() -> type[BaseException] | None:

@@ -30,6 +30,7 @@ def _multi_site(tmp_path, sites=SITES, **train):
         train={"epochs": 2, **train},
         evaluate={"n_bootstrap": 50},
         crosssite={"adapt_bn": True},
+        tracking={"experiment": f"crosssite-{tmp_path.name}", "log_model": False},  # this test's runs only
     )
     generate_sample(raw, params.sample, PBC_CLASSES)
     run_ingest(params, tmp_path / "interim", tmp_path / "reports", progress=False)
@@ -70,9 +71,10 @@ def test_leave_one_site_out_scores_every_site_it_did_not_train_on(tmp_path, isol
     report = (out / "report.md").read_text()
     assert all(f"| {site} |" in report for site in SITES) and (out / "cross_site.png").is_file()
 
-    runs = mlflow.search_runs(experiment_names=["tests"], filter_string="tags.`wbc.kind` = 'cross-site'")
+    experiment = params.tracking.experiment
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`wbc.kind` = 'cross-site'")
     assert len(runs) == 1
-    children = mlflow.search_runs(experiment_names=["tests"],
+    children = mlflow.search_runs(experiment_names=[experiment],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{runs.run_id[0]}'")
     assert sorted(children["tags.wbc.left_out_site"]) == sorted(SITES)
 
