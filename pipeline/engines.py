@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from pipeline import __version__
 from pipeline.atomic import atomic_dir
 from pipeline.calibration import softmax
 from pipeline.config import PredictParams
-from pipeline.export import INPUT_NAME, META_FILE, ONNX_FILE, run_export
+from pipeline.export import INPUT_NAME, META_FILE, ONNX_FILE, ExportError, run_export
 from pipeline.inference import batch_logits, load_meta, load_model, pick_device
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
@@ -131,13 +132,20 @@ def onnx_engine(model_path: Path, threads: int) -> OnnxEngine:
 
 def load_engine(model_path: Path, settings: PredictParams) -> tuple[Engine, ModelMeta]:
     """The engine ``settings.engine`` names for ``model_path`` (saved by the train stage), and the
-    model's metadata."""
-    if settings.engine == "onnx":
-        if settings.device == "cuda":
-            raise ValueError("predict.engine 'onnx' runs on the CPU; use predict.engine 'torch' for predict.device "
-                             "'cuda', or predict.device 'auto' or 'cpu'")
-        meta = load_meta(model_path)
-        return onnx_engine(model_path, torch.get_num_threads()), meta
+    model's metadata. ``auto``: ONNX Runtime where the model would run on the CPU (the export made once
+    per model file, falling back to torch with a warning when it fails its parity check), torch on a GPU."""
+    if settings.engine == "onnx" and settings.device == "cuda":
+        raise ValueError("predict.engine 'onnx' runs on the CPU; use predict.engine 'torch' or 'auto' for "
+                         "predict.device 'cuda', or predict.device 'auto' or 'cpu'")
     device = pick_device(settings.device)
+    if settings.engine == "onnx" or (settings.engine == "auto" and device.type == "cpu"):
+        meta = load_meta(model_path)
+        try:
+            return onnx_engine(model_path, torch.get_num_threads()), meta
+        except ExportError as exc:
+            if settings.engine == "onnx":
+                raise
+            warnings.warn(f"predict.engine auto: the ONNX export of {model_path} failed ({exc}); running it with "
+                          "torch instead", stacklevel=2)
     model, meta = load_model(model_path, device)
     return TorchEngine(model, meta.temperature_or_one, device), meta

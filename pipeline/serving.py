@@ -52,7 +52,7 @@ ONNX_DISTRIBUTIONS = ("onnx", "onnxscript", "onnxruntime")
 def serving_requirements(engine: str = "torch") -> list[str]:
     """pip requirements of the served model running ``engine``: the installed versions of what it imports."""
     requirements = []
-    for name in SERVING_DISTRIBUTIONS + (ONNX_DISTRIBUTIONS if engine == "onnx" else ()):
+    for name in SERVING_DISTRIBUTIONS + (ONNX_DISTRIBUTIONS if engine in ("onnx", "auto") else ()):
         try:
             requirements.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:

@@ -24,6 +24,18 @@ def mlflow_store(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory) -> Path:
+    """The session's XDG cache (ONNX exports the predict engine caches), never the user's."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(cache_home, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    return cache_home
+
+
 @pytest.fixture(autouse=True)
 def isolated_mlflow(mlflow_store, monkeypatch) -> str:
     """Tests log into the session's store, never the project's."""

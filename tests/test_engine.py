@@ -111,11 +111,23 @@ def test_without_a_writable_cache_the_export_is_made_for_the_process(tiny_model,
     assert predictor.engine.probabilities(torch.zeros((2, 3, 32, 32), dtype=torch.uint8)).shape == (2, 8)
 
 
-def test_onnx_engine_refuses_cuda_and_torch_stays_the_default(tiny_model):
+def test_onnx_engine_refuses_cuda_and_the_default_runs_onnx_on_the_cpu(tiny_model):
     with pytest.raises(ValueError, match="predict.engine 'onnx' runs on the CPU"):
         Predictor.load(tiny_model, PredictParams(engine="onnx", device="cuda"), IngestParams())
-    assert PredictParams().engine == "torch"
-    assert isinstance(Predictor.load(tiny_model, PredictParams(device="cpu"), IngestParams()).engine, TorchEngine)
+    assert PredictParams().engine == "auto"
+    assert isinstance(Predictor.load(tiny_model, PredictParams(device="cpu"), IngestParams()).engine, OnnxEngine)
+    assert isinstance(_predictor(tiny_model, "torch").engine, TorchEngine)
+
+
+def test_auto_falls_back_to_torch_with_a_warning_when_the_export_fails(tiny_model, monkeypatch):
+    def failing(model_path, threads):
+        raise export.ExportError("exported model differs from PyTorch beyond the tolerance")
+
+    monkeypatch.setattr(engines, "onnx_engine", failing)
+    with pytest.warns(UserWarning, match="ONNX export of .* failed .* running it with torch"):
+        assert isinstance(_predictor(tiny_model, "auto").engine, TorchEngine)
+    with pytest.raises(export.ExportError):  # asked for by name: no silent fallback
+        _predictor(tiny_model, "onnx")
 
 
 def test_wbc_predict_summary_names_the_engine(tiny_processed, tiny_model, tmp_path):
