@@ -527,8 +527,8 @@ class PredictParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     engine: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="what runs the model: torch (GPU when there is one), onnx (ONNX Runtime on the CPU, "
-        "the parity-checked export; 3-4x torch's images/s on a CPU), or auto: onnx where the model runs on the "
-        "CPU, torch on a GPU (and torch wherever the export fails its parity check, with a warning)"
+        "the parity-checked export; 2-4x torch's images/s end to end on a CPU), or auto: onnx where the model "
+        "runs on the CPU, torch on a GPU (and torch wherever the export fails its parity check, with a warning)"
     )
     max_rows: int = Field(
         256, ge=1, description="rows one request to the served model may carry; every row of a larger request "
