@@ -80,7 +80,7 @@ class OnnxEngine:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: the loader processes decoding the next batch need those
-        # cycles (measured on 2 shared cores: 1.4x forward-only, 1.4x end to end; benchmarks/README.md).
+        # cycles (measured on 2 shared cores: 1.4x faster forward-only and end to end).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         self.parity: dict[str, Any] = json.loads((onnx_file.parent / META_FILE).read_text(encoding="utf-8"))["parity"]

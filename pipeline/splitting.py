@@ -85,7 +85,9 @@ def picture_groups(
     links = list(_shared_key_links([(item.found.sha256,) for item in items]))
     near, linked = [], set()
     for limit, field in ((threshold, "phash"), (recrop_threshold, "cell_phash")):
-        hashed = [k for k, item in enumerate(items) if limit and getattr(item.found, field) is not None]
+        if not limit:
+            continue
+        hashed = [k for k, item in enumerate(items) if getattr(item.found, field) is not None]
         for i, j, distance in near_duplicate_pairs([getattr(items[k].found, field) for k in hashed], limit):
             a, b = items[hashed[i]], items[hashed[j]]
             if a.found.sha256 != b.found.sha256 and (hashed[i], hashed[j]) not in linked:
