@@ -15,7 +15,6 @@ export lives in a temporary folder for the process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +35,7 @@ from pipeline.export import INPUT_NAME, META_FILE, ONNX_FILE, ExportError, run_e
 from pipeline.inference import batch_logits, load_meta, load_model, pick_device
 from pipeline.model_meta import ModelMeta
 from pipeline.models import Classifier
+from pipeline.processed import file_sha256
 
 CACHE_FOLDER = "wbc-pipeline"
 
@@ -91,15 +91,6 @@ class OnnxEngine:
         return probabilities
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_root() -> Path:
     """The folder exports are cached in: ``$XDG_CACHE_HOME/wbc-pipeline/onnx`` (``~/.cache`` when unset)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -118,7 +109,7 @@ def onnx_engine(model_path: Path, threads: int) -> OnnxEngine:
     """An :class:`OnnxEngine` for ``model_path``: exported and parity-checked on first use, read from
     the cache after; :class:`pipeline.export.ExportError` when the export does not reproduce PyTorch."""
     root = cache_root()
-    folder = root / f"{file_digest(model_path)[:32]}-wbc{__version__}-torch{torch.__version__}"
+    folder = root / f"{file_sha256(model_path)[:32]}-wbc{__version__}-torch{torch.__version__}"
     if not _writable(root):  # a read-only home (a container): this process exports for itself
         with tempfile.TemporaryDirectory(prefix="wbc-onnx-") as tmp:
             run_export(model_path, Path(tmp), ("onnx",))
